@@ -1,0 +1,149 @@
+"""ModelConfig: one dataclass for every supported family, read from HF `config.json`.
+
+Llama, Mistral, Qwen2 and Qwen3 are the same decoder; they differ only in the fields below
+(q/k/v bias, per-head q/k RMSNorm, sliding window, tied head, rope scaling). A fork for a new
+architecture adds its fields here and their use in model.py.
+"""
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3", "factor": ..., ...}
+    max_position_embeddings: int = 2048
+    attention_bias: bool = False  # Qwen2: bias on q, k and v (never on o)
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on each query and key head
+    sliding_window: int | None = None  # Mistral: a token sees at most this many (itself included)
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    hf_config: dict = field(default_factory=dict, repr=False)  # the config.json as read, for export
+
+    @classmethod
+    def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
+        """Build from the dict in an HF config.json; `source` names it in errors."""
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"{source}: model_type {model_type!r} is not supported "
+                             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads"):
+            if not isinstance(hf.get(key), int):
+                raise ValueError(f"{source}: {key} must be an integer, got {hf.get(key)!r}")
+        n_heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
+        n_kv_heads = hf.get("num_key_value_heads") or n_heads
+        if n_heads % n_kv_heads:
+            raise ValueError(f"{source}: num_attention_heads ({n_heads}) must be a multiple of "
+                             f"num_key_value_heads ({n_kv_heads})")
+
+        # transformers >= 5 moves rope_theta / rope_scaling into `rope_parameters`.
+        rope_params = dict(hf.get("rope_parameters") or {})
+        rope_scaling = hf.get("rope_scaling") or None
+        if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
+            rope_scaling = rope_params
+        rope_theta = hf.get("rope_theta") or rope_params.get("rope_theta") or 10000.0
+        if rope_scaling is not None:
+            rope_scaling = dict(rope_scaling)
+            rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+            if rope_type not in SUPPORTED_ROPE_TYPES:
+                raise ValueError(f"{source}: rope_scaling type {rope_type!r} is not supported "
+                                 f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+            needed = {"linear": ["factor"],
+                      "llama3": ["factor", "low_freq_factor", "high_freq_factor",
+                                 "original_max_position_embeddings"]}.get(rope_type, [])
+            for key in needed:
+                if key not in rope_scaling:
+                    raise ValueError(f"{source}: rope_scaling of type {rope_type!r} needs {key!r}")
+            rope_scaling = None if rope_type == "default" else {**rope_scaling, "rope_type": rope_type}
+
+        # Mistral has `sliding_window`; Qwen2/3 carry one too but only use it when
+        # `use_sliding_window` is true (and then only above max_window_layers: unsupported).
+        sliding_window = hf.get("sliding_window")
+        if model_type in ("qwen2", "qwen3"):
+            if hf.get("use_sliding_window"):
+                raise ValueError(f"{source}: use_sliding_window=true is not supported for "
+                                 f"{model_type} (supported: false)")
+            sliding_window = None
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported "
+                             f"(supported: silu)")
+        if hf.get("mlp_bias"):
+            raise ValueError(f"{source}: mlp_bias=true is not supported (supported: false)")
+
+        return cls(
+            model_type=model_type,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+            qk_norm=model_type == "qwen3",
+            sliding_window=sliding_window,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+            hf_config=dict(hf),
+        )
+
+    @classmethod
+    def from_json(cls, path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            hf = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no config.json (expected an HF checkpoint folder)") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_hf(hf, source=str(path))
+
+    def rope_inv_freq(self):
+        """Per-pair inverse frequencies [head_dim/2] (fp32), with rope scaling applied.
+
+        llama3 scaling (transformers' `_compute_llama3_parameters`): wavelengths longer than
+        orig/low_freq_factor are slowed down by `factor`, shorter than orig/high_freq_factor
+        are kept, and those in between are interpolated linearly in 1/wavelength.
+        """
+        import torch
+        inv_freq = 1.0 / (self.rope_theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64)
+                                              .float() / self.head_dim))
+        scaling = self.rope_scaling or {}
+        if scaling.get("rope_type") == "linear":
+            inv_freq = inv_freq / scaling["factor"]
+        elif scaling.get("rope_type") == "llama3":
+            factor = scaling["factor"]
+            low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+            orig = scaling["original_max_position_embeddings"]
+            low_freq_wavelen, high_freq_wavelen = orig / low, orig / high
+            wavelen = 2 * math.pi / inv_freq
+            scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+            smooth = (orig / wavelen - low) / (high - low)
+            smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+            is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+            inv_freq = torch.where(is_medium, smoothed, scaled)
+        return inv_freq

@@ -1,0 +1,225 @@
+"""The decoder shared by Llama, Mistral, Qwen2 and Qwen3.
+
+Module names follow the HF checkpoints minus their leading `model.` (see `hf_key`), so
+`model.layers.3.mlp.up_proj.weight` in a safetensors file is `layers[3].mlp.up_proj.weight`
+here. Family differences are ModelConfig fields:
+
+- attention_bias (Qwen2): q/k/v projections carry a bias
+- qk_norm (Qwen3): RMSNorm over head_dim on every query and key head, before RoPE
+- sliding_window (Mistral): a query sees at most the last `sliding_window` keys, itself included
+- tie_word_embeddings: the output head reuses the embedding matrix
+- rope_scaling (llama3, linear): folded into the RoPE inverse frequencies by ModelConfig
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from nanolora import ops
+from nanolora.config import ModelConfig
+
+
+def hf_key(name: str) -> str:
+    """Our parameter name -> the HF checkpoint key (the one explicit rename)."""
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.n_heads * cfg.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, cos, sin, mask, kv_cache=None, cache_start=0):
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, heads, seq, head_dim]
+        q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
+        if kv_cache is not None:  # write this step's keys/values, attend to everything so far
+            k_cache, v_cache = kv_cache
+            end = cache_start + seq
+            k_cache[:, :, cache_start:end] = k
+            v_cache[:, :, cache_start:end] = v
+            k, v = k_cache[:, :, :end], v_cache[:, :, :end]
+        out = ops.attention(q, k, v, mask)  # [batch, n_heads, seq, head_dim]
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None, cache_start=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def build_attention_mask(batch, q_len, kv_len, device, *, q_start=0, key_padding=None,
+                         segment_ids=None, sliding_window=None):
+    """Boolean [batch or 1, 1, q_len, kv_len] mask (True = may attend), or None when plain
+    causal attention over a whole sequence says it all.
+
+    Queries sit at absolute positions q_start .. q_start+q_len-1 of the keys. A query sees a
+    key when the key is not later (causal), is within the sliding window, is not padding
+    (key_padding [batch, kv_len], True = real token), and belongs to the same packed example
+    (segment_ids [batch, kv_len]). Every query also sees itself, so that a padding query is
+    never left with nothing to attend to (SDPA would return NaN for that row); its output is
+    never used.
+    """
+    if key_padding is None and segment_ids is None and sliding_window is None \
+            and q_start == 0 and q_len == kv_len:
+        return None
+    q_pos = torch.arange(q_start, q_start + q_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if sliding_window is not None:
+        mask = mask & (q_pos - k_pos < sliding_window)
+    mask = mask[None].expand(batch, q_len, kv_len)
+    if key_padding is not None:
+        mask = mask & key_padding[:, None, :].bool()
+    if segment_ids is not None:
+        q_segments = segment_ids[:, q_start:q_start + q_len]
+        mask = mask & (q_segments[:, :, None] == segment_ids[:, None, :])
+    mask = mask | (k_pos == q_pos)[None]
+    return mask[:, None]
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("rope_inv_freq", cfg.rope_inv_freq(), persistent=False)
+        self.grad_checkpointing = False
+
+    @property
+    def head_weight(self):
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None,
+                      kv_cache=None, cache_start=0):
+        """Final-norm hidden states [batch, seq, hidden].
+
+        attention_mask [batch, kv_len]: 1 for real tokens, 0 for padding (with a KV cache it
+        covers the cached keys too). position_ids [batch, seq] default to cache_start + 0..seq-1.
+        segment_ids [batch, seq]: packed examples; attention stays within one segment.
+        """
+        batch, seq = input_ids.shape
+        device = input_ids.device
+        if position_ids is None:
+            position_ids = torch.arange(cache_start, cache_start + seq, device=device).expand(batch, seq)
+        kv_len = cache_start + seq
+        if attention_mask is not None and attention_mask.all():
+            attention_mask = None  # no padding: let SDPA use its causal fast path
+        mask = build_attention_mask(batch, seq, kv_len, device, q_start=cache_start,
+                                    key_padding=attention_mask, segment_ids=segment_ids,
+                                    sliding_window=self.config.sliding_window)
+        x = self.embed_tokens(input_ids)
+        cos, sin = ops.rope_cos_sin(self.rope_inv_freq, position_ids, x.dtype)
+        for i, block in enumerate(self.layers):
+            layer_cache = None if kv_cache is None else kv_cache[i]
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, mask, layer_cache, cache_start, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, layer_cache, cache_start)
+        return self.norm(x)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
+        """Logits [batch, seq, vocab]."""
+        return F.linear(self.hidden_states(input_ids, attention_mask, position_ids, segment_ids),
+                        self.head_weight)
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens=64, *, attention_mask=None, temperature=0.0,
+                 top_p=1.0, eos_token_id=None, generator=None):
+        """Continue input_ids [batch, seq] (left-padded when attention_mask is given).
+
+        Greedy when temperature == 0, else sampling from softmax(logits / temperature) cut to
+        the smallest set of tokens whose probability reaches top_p. A row stops at any id in
+        eos_token_id (int or list); finished rows are filled with the first eos id. Returns
+        the prompt followed by the new tokens.
+        """
+        batch, prompt_len = input_ids.shape
+        device, cfg = input_ids.device, self.config
+        eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []),
+                               device=device, dtype=torch.long)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        max_len = prompt_len + max_new_tokens
+        cache_shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        dtype = self.embed_tokens.weight.dtype
+        kv_cache = [(torch.empty(cache_shape, device=device, dtype=dtype),
+                     torch.empty(cache_shape, device=device, dtype=dtype)) for _ in self.layers]
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        tokens, step_ids, start = [input_ids], input_ids, 0
+        for _ in range(max_new_tokens):
+            hidden = self.hidden_states(step_ids, attention_mask, position_ids, kv_cache=kv_cache,
+                                        cache_start=start)
+            logits = F.linear(hidden[:, -1], self.head_weight).float()
+            next_ids = _pick_next(logits, temperature, top_p, generator)
+            if len(eos_ids):
+                next_ids = torch.where(finished, eos_ids[0], next_ids)
+                finished |= torch.isin(next_ids, eos_ids)
+            tokens.append(next_ids[:, None])
+            start += step_ids.shape[1]
+            step_ids = next_ids[:, None]
+            position_ids = position_ids[:, -1:] + 1
+            attention_mask = torch.cat([attention_mask, torch.ones_like(step_ids)], dim=1)
+            if finished.all():
+                break
+        return torch.cat(tokens, dim=1)
+
+
+def _pick_next(logits, temperature, top_p, generator):
+    """One token id per row of logits [batch, vocab]: argmax, or a top-p sample."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    # keep a token while the mass before it is below top_p (the most likely always stays)
+    drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)
+    return order.gather(-1, choice).squeeze(-1)
