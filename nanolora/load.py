@@ -24,11 +24,12 @@ HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.sa
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
-def load_model(name_or_path, device=None, dtype=None, **options):
+def load_model(name_or_path, device=None, dtype=None, *, adapter=None, **options):
     """Load a Llama / Mistral / Qwen2 / Qwen3 checkpoint.
 
     name_or_path: an HF checkpoint folder, a hub repo id ("org/name"), or a .gguf file.
     device: default "cuda" when available, else "cpu". dtype: default bf16 on GPU, fp32 on CPU.
+    adapter: a PEFT LoRA adapter folder to attach (see nanolora/peft.py).
     Returns (model, tokenizer). The model's weights are frozen (requires_grad=False): LoRA
     adds the trainable parameters.
     """
@@ -51,6 +52,9 @@ def load_model(name_or_path, device=None, dtype=None, **options):
         model = Transformer(config)
     place_tensors(model, tensors, device, dtype, source=str(name_or_path))
     model.rope_inv_freq = config.rope_inv_freq().to(device)
+    if adapter is not None:
+        from nanolora.peft import load_adapter
+        load_adapter(model, adapter)
     return model.eval(), tokenizer
 
 

@@ -165,10 +165,13 @@ class Transformer(nn.Module):
                 x = block(x, cos, sin, mask, layer_cache, cache_start)
         return self.norm(x)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
-        """Logits [batch, seq, vocab]."""
-        return F.linear(self.hidden_states(input_ids, attention_mask, position_ids, segment_ids),
-                        self.head_weight)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, labels=None):
+        """Logits [batch, seq, vocab]; or, given labels [batch, seq] (-100 = none), the next-token
+        cross-entropy summed over label tokens (fp32 scalar), without materialising the logits."""
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, segment_ids)
+        if labels is not None:
+            return ops.cross_entropy_sum(hidden, self.head_weight, labels)
+        return F.linear(hidden, self.head_weight)
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens=64, *, attention_mask=None, temperature=0.0,

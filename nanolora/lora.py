@@ -1,0 +1,144 @@
+"""The LoRA linear, and attaching / merging / counting it.
+
+    y = x W^T + b + scale * (dropout(x) A^T) B^T
+
+W [out, in] is the frozen base weight (a 16-bit tensor, or an NF4Weight for QLoRA), A
+[r, in] and B [out, r] are the trainable low-rank pair. B starts at zero so an attached
+model computes exactly what the base model did; A starts like nn.Linear's weight
+(kaiming-uniform with a=sqrt(5)), as PEFT does. scale = alpha / r, or alpha / sqrt(r) for
+rsLoRA, which keeps the update's size independent of the rank.
+"""
+import math
+
+import torch
+import torch.nn as nn
+
+from nanolora import ops
+
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SHORT_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+                 "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, weight, bias, r, alpha, dropout=0.0, rslora=False):
+        super().__init__()
+        out_features, in_features = weight.shape
+        self.weight = weight  # frozen: nn.Parameter(requires_grad=False) or an NF4Weight
+        self.bias = bias
+        self.r, self.alpha, self.rslora = r, alpha, rslora
+        self.scale = alpha / math.sqrt(r) if rslora else alpha / r
+        device = weight.device
+        # fp32 whatever the base dtype: the optimizer's updates to A and B are ~1e-4 of their
+        # size, below bf16's resolution; autocast casts them down for the matmuls.
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    @property
+    def in_features(self):
+        return self.lora_A.shape[1]
+
+    @property
+    def out_features(self):
+        return self.lora_B.shape[0]
+
+    def forward(self, x):
+        if self.merged:
+            return ops.linear(x, self.weight, self.bias)
+        return ops.lora_linear(x, self)
+
+    def delta_weight(self):
+        """scale * B A [out, in], the update LoRA adds to W (fp32)."""
+        return self.scale * (self.lora_B.float() @ self.lora_A.float())
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold the update into a 16-bit base weight (W += scale B A); forward then skips LoRA."""
+        if not self.merged:
+            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+            self.merged = False
+
+    def extra_repr(self):
+        return (f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, "
+                f"scale={self.scale:.4g}, merged={self.merged}")
+
+
+def parse_targets(targets) -> list[str]:
+    """'all', 'q,v', ['q_proj', 'down'] ... -> full module names, in a fixed order."""
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    names = set()
+    for t in targets:
+        if t == "all":
+            names.update(ALL_TARGETS)
+        elif t in ALL_TARGETS or t in SHORT_TARGETS:
+            names.add(SHORT_TARGETS.get(t, t))
+        else:
+            raise ValueError(f"LoRA target {t!r} is not a projection name (expected 'all' or any "
+                             f"of {', '.join(ALL_TARGETS)}, or short forms {', '.join(SHORT_TARGETS)})")
+    if not names:
+        raise ValueError("LoRA targets: none given (expected e.g. 'all' or 'q_proj,v_proj')")
+    return [n for n in ALL_TARGETS if n in names]
+
+
+def attach_lora(model, targets="all", r=16, alpha=16, dropout=0.0, rslora=False):
+    """Replace each targeted linear of every block by a LoRALinear; freeze everything else.
+
+    Returns the model. Parameters stay on the device of the weights they wrap.
+    """
+    if r < 1:
+        raise ValueError(f"LoRA rank r must be >= 1, got {r}")
+    target_names = parse_targets(targets)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in model.layers:
+        for parent in (block.self_attn, block.mlp):
+            for name in target_names:
+                linear = getattr(parent, name, None)
+                if isinstance(linear, nn.Linear):
+                    setattr(parent, name, LoRALinear(linear.weight, linear.bias, r, alpha, dropout, rslora))
+    model.lora_config = dict(r=r, alpha=alpha, dropout=dropout, rslora=rslora, targets=target_names)
+    return model
+
+
+def lora_layers(model):
+    """(name, LoRALinear) for every LoRA layer, name as in model.named_modules()."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def lora_parameters(model):
+    return [p for _, m in lora_layers(model) for p in (m.lora_A, m.lora_B)]
+
+
+def merge_lora(model):
+    for _, layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge_lora(model):
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total), counting each NF4 weight as the number of values it stands for."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    total += sum(m.weight.numel() for _, m in lora_layers(model) if not isinstance(m.weight, torch.Tensor))
+    return trainable, total
+
+
+def summary(model) -> str:
+    """'41,943,040 trainable of 8.03B (0.52%)'."""
+    trainable, total = count_parameters(model)
+    size = f"{total / 1e9:.2f}B" if total >= 1e9 else f"{total / 1e6:.2f}M"
+    return f"{trainable:,} trainable of {size} ({100 * trainable / total:.2f}%)"

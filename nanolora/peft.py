@@ -1,0 +1,111 @@
+"""LoRA adapters in PEFT's format, so that `peft.PeftModel.from_pretrained` reads what we
+write and we read what PEFT writes.
+
+A folder holds adapter_config.json and adapter_model.safetensors. Tensor keys are the HF
+module path under `base_model.model.`, e.g.
+    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight   [r, in]
+    base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight   [out, r]
+"""
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from nanolora.files import atomic_path
+from nanolora.lora import ALL_TARGETS, attach_lora, lora_layers
+from nanolora.model import hf_key
+
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+
+
+def peft_key(module_name: str, matrix: str) -> str:
+    """('layers.0.self_attn.q_proj', 'lora_A') -> PEFT's tensor key."""
+    return f"base_model.model.{hf_key(module_name)}.{matrix}.weight"
+
+
+def adapter_state(model) -> dict:
+    """The LoRA tensors of `model` under PEFT's key names (fp32 copies on the CPU)."""
+    state = {}
+    for name, layer in lora_layers(model):
+        state[peft_key(name, "lora_A")] = layer.lora_A.detach().float().cpu().contiguous()
+        state[peft_key(name, "lora_B")] = layer.lora_B.detach().float().cpu().contiguous()
+    return state
+
+
+def save_adapter(model, folder, base_model_name_or_path=None):
+    """Write `model`'s adapter into `folder` (created if needed), each file atomically."""
+    cfg = model.lora_config
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": None if base_model_name_or_path is None else str(base_model_name_or_path),
+        "r": cfg["r"], "lora_alpha": cfg["alpha"], "lora_dropout": cfg["dropout"],
+        "use_rslora": cfg["rslora"], "target_modules": cfg["targets"],
+        "bias": "none", "use_dora": False, "fan_in_fan_out": False, "modules_to_save": None,
+        "init_lora_weights": True, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
+    }
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / WEIGHTS_FILE) as tmp:
+        save_file(adapter_state(model), tmp, metadata={"format": "pt"})
+    with atomic_path(folder / CONFIG_FILE) as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def read_adapter_config(folder) -> dict:
+    """adapter_config.json -> attach_lora's arguments, refusing what nanolora cannot apply."""
+    file = Path(folder) / CONFIG_FILE
+    if not file.exists():
+        raise FileNotFoundError(f"{file}: no adapter config (expected a PEFT LoRA adapter folder "
+                                f"with {CONFIG_FILE} and {WEIGHTS_FILE})")
+    config = json.loads(file.read_text())
+    def refuse(key, got, expected):
+        raise ValueError(f"{file}: {key}={got!r} is not supported (supported: {expected})")
+    if config.get("peft_type", "LORA") != "LORA":
+        refuse("peft_type", config["peft_type"], "LORA")
+    for key, default in (("use_dora", False), ("fan_in_fan_out", False)):
+        if config.get(key, default):
+            refuse(key, config[key], "false")
+    if config.get("bias", "none") != "none":
+        refuse("bias", config["bias"], "'none'")
+    for key in ("modules_to_save", "layers_to_transform", "rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            refuse(key, config[key], "null or empty")
+    targets = config.get("target_modules")
+    if isinstance(targets, str):  # PEFT accepts a regex or "all-linear" here
+        targets = list(ALL_TARGETS) if targets == "all-linear" else refuse(
+            "target_modules", targets, "a list of projection names, or 'all-linear'")
+    return dict(targets=targets, r=config["r"], alpha=config["lora_alpha"],
+                dropout=config.get("lora_dropout", 0.0), rslora=config.get("use_rslora", False))
+
+
+def load_adapter(model, folder):
+    """Attach the adapter in `folder` to `model` and fill in its weights."""
+    settings = read_adapter_config(folder)
+    attach_lora(model, **settings)
+    file = Path(folder) / WEIGHTS_FILE
+    if not file.exists():
+        raise FileNotFoundError(f"{file}: adapter weights missing")
+    expected = {}
+    for name, layer in lora_layers(model):
+        expected[peft_key(name, "lora_A")] = layer.lora_A
+        expected[peft_key(name, "lora_B")] = layer.lora_B
+    with safe_open(file, framework="pt", device="cpu") as f:
+        for key in f.keys():
+            # PEFT may save keys with the adapter name in them ("lora_A.default.weight")
+            param = expected.pop(key.replace(".default.weight", ".weight"), None)
+            if param is None:
+                raise ValueError(f"{file}: unexpected tensor {key!r} (not a LoRA matrix of the "
+                                 f"targets {settings['targets']} on this model)")
+            tensor = f.get_tensor(key)
+            if tensor.shape != param.shape:
+                raise ValueError(f"{file}: tensor {key!r} has shape {list(tensor.shape)}, but the base "
+                                 f"model needs {list(param.shape)} (was the adapter trained on another base?)")
+            with torch.no_grad():
+                param.copy_(tensor)
+    if expected:
+        missing = sorted(expected)
+        raise ValueError(f"{file}: missing {len(missing)} LoRA tensor(s): {', '.join(missing[:4])}"
+                         f"{' ...' if len(missing) > 4 else ''}")
+    return model
