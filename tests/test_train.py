@@ -1,0 +1,138 @@
+"""The training loop: exact gradient accumulation, resume, the default run, bad input."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from hf_fixtures import save_checkpoint
+from nanolora import load_model
+from nanolora.data import Batches, load_examples, pad_token_id
+from nanolora.lora import attach_lora, lora_parameters
+
+DATA = train.DEFAULTS["data"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen2")
+    save_checkpoint(path, "qwen2")
+    return path
+
+
+def lora_grads_after(model, micro_batches, accumulate):
+    for p in lora_parameters(model):
+        p.grad = None
+    accumulate(model, micro_batches)
+    return torch.cat([p.grad.flatten() for p in lora_parameters(model)])
+
+
+def test_gradient_accumulation_is_exact(checkpoint, tmp_path):
+    """8 variable-length, padded examples as 8x1, 2x4 and 1x8: the same LoRA gradient to fp32
+    rounding. The classic bug (a mean of per-micro-batch means) is far off on the same data."""
+    model, tokenizer = load_model(checkpoint, device="cpu")
+    attach_lora(model, "all", r=4, alpha=8)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_(0, 0.1)
+    rows = [{"prompt": " ".join(f"w{j}" for j in range(1 + 2 * i)),
+             "completion": " ".join(str(k) for k in range(1 + (5 * i) % 8))} for i in range(8)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples, _ = load_examples(tmp_path / "d.jsonl", tokenizer, seq_len=128)
+    assert len({len(e.input_ids) for e in examples}) == 8  # really variable length
+
+    def split(batch_size):
+        batches = Batches(examples, batch_size, pad_token_id(tokenizer), seed=0)
+        return [batches.batch(0, i) for i in range(len(batches))]
+
+    def exact(model, mbs):
+        train.accumulate_gradients(model, mbs, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+
+    def mean_of_means(model, mbs):
+        for mb in mbs:
+            loss = model(mb["input_ids"], mb["attention_mask"], labels=mb["labels"])
+            (loss / (mb["labels"] != -100).sum() / len(mbs)).backward()
+
+    g8x1 = lora_grads_after(model, split(8), exact)
+    g2x4 = lora_grads_after(model, split(2), exact)
+    g1x8 = lora_grads_after(model, split(1), exact)
+    rel = lambda g: ((g - g8x1).abs().max() / g8x1.abs().max()).item()
+    assert rel(g2x4) <= 1e-5 and rel(g1x8) <= 1e-5
+    buggy = lora_grads_after(model, split(1), mean_of_means)
+    assert rel(buggy) > 100 * max(rel(g2x4), rel(g1x8), 1e-7)
+    print(f"exact: {rel(g2x4):.2e} (2x4), {rel(g1x8):.2e} (1x8); mean of means: {rel(buggy):.2e}")
+
+
+def run(checkpoint, out, *flags):
+    return train.main(["--model", str(checkpoint), "--out", str(out), "--data", DATA, "--seq_len", "256",
+                       "--batch_size", "4", "--eval_size", "4", "--samples", "1", "--log_every", "1",
+                       "--dropout", "0.1", "--warmup_steps", "2", *flags])
+
+
+def test_resume_continues_exactly(checkpoint, tmp_path):
+    """10 steps straight == 5 steps, interrupted, then --resume for the other 5 (dropout is on,
+    so the RNG state must be restored too, and the data order and the schedule)."""
+    run(checkpoint, tmp_path / "straight", "--max_steps", "10", "--save_every", "0")
+    # an interrupted run: what it leaves behind is its step-5 checkpoint
+    run(checkpoint, tmp_path / "first", "--max_steps", "10", "--save_every", "5")
+    shutil.copytree(tmp_path / "first" / "checkpoint-5", tmp_path / "resumed" / "checkpoint-5")
+    run(checkpoint, tmp_path / "resumed", "--max_steps", "10", "--save_every", "0", "--resume", "latest")
+    straight = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    # ...and the checkpoint differs from the end point, so the comparison means something
+    mid = load_file(tmp_path / "first" / "checkpoint-5" / "adapter_model.safetensors")
+    assert not torch.equal(mid[key], straight[key])
+
+
+def test_default_run_smoke(checkpoint, tmp_path, capsys):
+    """The default run's code path on a tiny checkpoint: eval before/after, samples, the
+    update check, a PEFT adapter in --out, metrics.jsonl, loss going down."""
+    run(checkpoint, tmp_path, "--max_steps", "12", "--lr", "3e-3")
+    printed = capsys.readouterr().out
+    assert "eval loss before training" in printed and "before:" in printed and "after:" in printed
+    assert "(unchanged); LoRA weights sum |after - before|" in printed and "(changed)" in printed
+    assert (tmp_path / "adapter_config.json").exists() and (tmp_path / "adapter_model.safetensors").exists()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert sum(r["loss"] for r in records[-3:]) < sum(r["loss"] for r in records[:3])
+    for key in ("lr", "grad_norm", "tokens_per_s", "peak_gib", "elapsed_s", "eta_s"):
+        assert key in records[0]
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(checkpoint, tmp_path, monkeypatch):
+    real = train.accumulate_gradients
+    calls = []
+
+    def poisoned(*args):
+        loss_sum, n = real(*args)
+        calls.append(1)
+        return (loss_sum * float("nan") if len(calls) >= 3 else loss_sum), n
+    monkeypatch.setattr(train, "accumulate_gradients", poisoned)
+    with pytest.raises(SystemExit, match=r"loss is nan at step 3 .*checkpoint-2, is intact"):
+        run(checkpoint, tmp_path, "--max_steps", "6", "--save_every", "2")
+    assert not (tmp_path / "checkpoint-4").exists()
+    model, _ = load_model(checkpoint, device="cpu", adapter=tmp_path / "checkpoint-2")  # loads cleanly
+    assert not any(n.startswith(".") for n in __import__("os").listdir(tmp_path))  # no temp leftovers
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--schedule", "bogus"], "invalid choice: 'bogus'"),
+    (["--lr", "fast"], "invalid float value: 'fast'"),
+    (["--rslora", "maybe"], "expected true or false, got 'maybe'"),
+    (["--r", "0"], "--r must be at least 1"),
+    (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag"),
+])
+def test_bad_flags(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_settings(flags)
+    assert message in capsys.readouterr().err
+
+
+def test_bad_target_names_the_target():
+    with pytest.raises(ValueError, match="LoRA target 'qkv' is not a projection name"):
+        train.parse_settings(["--targets", "q,qkv"])
