@@ -27,7 +27,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3", "factor": ..., ...}
     max_position_embeddings: int = 2048
-    attention_bias: bool = False  # Qwen2: bias on q, k and v (never on o)
+    attention_bias: bool = False  # bias on q, k and v (Qwen2 always; Llama/Qwen3 when attention_bias)
+    o_bias: bool = False  # bias on o as well (Llama/Qwen3 with attention_bias; never Qwen2/Mistral)
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on each query and key head
     sliding_window: int | None = None  # Mistral: a token sees at most this many (itself included)
     tie_word_embeddings: bool = False
@@ -101,7 +102,8 @@ class ModelConfig:
             rope_theta=float(rope_theta),
             rope_scaling=rope_scaling,
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+            attention_bias=model_type == "qwen2" or bool(hf.get("attention_bias")),
+            o_bias=model_type in ("llama", "qwen3") and bool(hf.get("attention_bias")),
             qk_norm=model_type == "qwen3",
             sliding_window=sliding_window,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),

@@ -126,13 +126,13 @@ def place_tensors(model: nn.Module, tensors, device, dtype, source: str):
             continue  # a tied head may also be stored; HF ties it to the embedding regardless
         if key not in params:
             raise ValueError(f"{where}: unexpected tensor {key!r} (not a parameter of a "
-                             f"{model.config.model_type} model with this config.json)")
+                             f"{model.config.model_type} model with this config)")
         module, attr = params.pop(key)
         expected = getattr(module, attr).shape
         tensor = load()
         if tensor.shape != expected:
             raise ValueError(f"{where}: tensor {key!r} has shape {list(tensor.shape)}, "
-                             f"expected {list(expected)} from config.json")
+                             f"expected {list(expected)} from the config")
         tensor = tensor.to(dtype=dtype).to(device)  # cast first: a bf16 checkpoint moves half the bytes
         setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
     if params:

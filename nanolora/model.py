@@ -4,7 +4,8 @@ Module names follow the HF checkpoints minus their leading `model.` (see `hf_key
 `model.layers.3.mlp.up_proj.weight` in a safetensors file is `layers[3].mlp.up_proj.weight`
 here. Family differences are ModelConfig fields:
 
-- attention_bias (Qwen2): q/k/v projections carry a bias
+- attention_bias (Qwen2, or Llama/Qwen3 configs that ask): q/k/v projections carry a bias;
+  o_bias: o_proj too (Llama/Qwen3 with attention_bias)
 - qk_norm (Qwen3): RMSNorm over head_dim on every query and key head, before RoPE
 - sliding_window (Mistral): a query sees at most the last `sliding_window` keys, itself included
 - tie_word_embeddings: the output head reuses the embedding matrix
@@ -42,7 +43,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.n_heads * cfg.head_dim, bias=bias)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * cfg.head_dim, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * cfg.head_dim, bias=bias)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)

@@ -116,7 +116,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         return grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight, None, None
 
 
-def cross_entropy_sum(hidden, weight, labels, chunk_size=4096):
+def cross_entropy_sum(hidden, weight, labels, chunk_size=None):
     """Summed next-token cross-entropy over label positions (labels == -100 are skipped).
 
     hidden [batch, seq, d] are the final-norm states, weight [vocab, d] the output head,
@@ -124,6 +124,9 @@ def cross_entropy_sum(hidden, weight, labels, chunk_size=4096):
     Returns the fp32 sum. Dividing is the training loop's job: it knows how many label
     tokens the whole accumulation window holds.
     """
+    # ~256 MiB of fp32 logits per chunk (512 rows of a 128k vocabulary): big enough for
+    # efficient matmuls, small beside the activations of a long sequence.
+    chunk_size = chunk_size or max(64, 2**26 // weight.shape[0])
     d = hidden.shape[-1]
     hidden = hidden[:, :-1].reshape(-1, d)
     labels = labels[:, 1:].reshape(-1)

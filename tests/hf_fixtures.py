@@ -18,6 +18,8 @@ FAMILIES = {
         rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
     "llama_tied": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True)),
+    # attention_bias on a Llama puts a bias on q, k, v and o (unlike Qwen2: q, k, v only)
+    "llama_bias": ("LlamaConfig", "LlamaForCausalLM", dict(attention_bias=True)),
     "llama_linear_rope": ("LlamaConfig", "LlamaForCausalLM", dict(
         rope_scaling={"rope_type": "linear", "factor": 4.0})),
     # window shorter than the test sequences (which are 12+ tokens)

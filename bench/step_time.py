@@ -1,0 +1,129 @@
+"""Time LoRA training steps of one system on one checkpoint, in this process.
+
+    python bench/step_time.py nanolora /tmp/llama8b --batch 2 --seq 2048 [--nf4]
+    python bench/step_time.py hf       /tmp/llama8b --batch 2 --seq 2048 [--nf4]
+    python bench/step_time.py unsloth  /tmp/llama8b --batch 2 --seq 2048 [--nf4]
+
+The setup of ../shared/PEERS.md for every system: LoRA r=16, alpha=16, dropout 0 on all seven
+projections; AdamW lr 2e-4; random token ids with labels = inputs, no padding; gradient
+checkpointing on; bf16. Reports the median step time of `--steps` steps after `--warmup`
+and torch.cuda.max_memory_allocated() as one JSON line (bench/run.py collects them). Run
+each system in its own process, so that peak memory is its own.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def nanolora_setup(path, args):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from nanolora import load_model
+    from nanolora.lora import attach_lora, lora_parameters
+    from train import accumulate_gradients
+    options = {"load_in_4bit": True} if args.nf4 else {}
+    model, _ = load_model(path, device="cuda", dtype=torch.bfloat16, **options)
+    attach_lora(model, "all", r=16, alpha=16)
+    model.grad_checkpointing = True
+    model.train()
+    optimizer = torch.optim.AdamW(lora_parameters(model), lr=2e-4, fused=True)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+
+    def step(ids):
+        batch = {"input_ids": ids, "labels": ids, "attention_mask": None, "position_ids": None, "segment_ids": None}
+        loss_sum, n = accumulate_gradients(model, [batch], torch.device("cuda"), autocast)
+        torch.nn.utils.clip_grad_norm_(lora_parameters(model), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss_sum / n
+    return model.config.vocab_size, step
+
+
+def hf_setup(path, args):
+    import peft
+    import transformers
+    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                            bnb_4bit_compute_dtype=torch.bfloat16) if args.nf4 else None
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda",
+                                                              quantization_config=quant, attn_implementation="sdpa")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none",
+                                                       target_modules=TARGETS, task_type="CAUSAL_LM"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-4, fused=True)
+
+    def step(ids):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+    return model.config.vocab_size, step
+
+
+def unsloth_setup(path, args):
+    from unsloth import FastLanguageModel
+    model, _ = FastLanguageModel.from_pretrained(path, max_seq_length=args.seq, dtype=torch.bfloat16,
+                                                 load_in_4bit=args.nf4)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, bias="none",
+                                             target_modules=TARGETS, use_gradient_checkpointing="unsloth")
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-4, fused=True)
+
+    def step(ids):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+    return model.config.vocab_size, step
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("system", choices=["nanolora", "hf", "unsloth"])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--nf4", action="store_true")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--print_loss_every", type=int, default=0)
+    args = parser.parse_args()
+    if args.system == "unsloth":
+        import unsloth  # noqa: F401  (it must be imported before transformers to patch it)
+    t0 = time.time()
+    vocab, step = {"nanolora": nanolora_setup, "hf": hf_setup, "unsloth": unsloth_setup}[args.system](args.checkpoint, args)
+    load_s = time.time() - t0
+    gen = torch.Generator("cuda").manual_seed(0)
+    times, losses = [], []
+    for i in range(args.warmup + args.steps):
+        ids = torch.randint(0, vocab, (args.batch, args.seq), device="cuda", generator=gen)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = step(ids)
+        torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+        if args.print_loss_every and i % args.print_loss_every == 0:
+            losses.append(round(loss.item(), 4))
+            print(f"step {i}: loss {losses[-1]}", flush=True)
+    median = statistics.median(times)
+    print(json.dumps(dict(system=args.system, weights="nf4" if args.nf4 else "bf16", batch=args.batch, seq=args.seq,
+                          tokens_per_s=args.batch * args.seq / median, step_s=median,
+                          peak_gib=torch.cuda.max_memory_allocated() / 2**30, load_s=load_s, losses=losses)))
+
+
+if __name__ == "__main__":
+    main()

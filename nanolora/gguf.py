@@ -1,0 +1,410 @@
+"""GGUF, llama.cpp's one-file checkpoint: read one as a base model.
+
+`read_gguf_checkpoint(path)` turns a .gguf file into what load.py gets from an HF folder:
+an HF-style config dict, the tensors under their HF names (read lazily, one at a time,
+dequantized to fp32 in HF layout) and the tokenizer the file describes.
+
+File layout (GGUF v2/v3, little-endian; ggml-org/ggml docs/gguf.md):
+
+    "GGUF" | u32 version | u64 n_tensors | u64 n_metadata
+    n_metadata x (string key | u32 value type | value)
+    n_tensors  x (string name | u32 n_dims | n_dims x u64 dim | u32 ggml type | u64 offset)
+    padding to `general.alignment` (default 32) | tensor data (offsets are from here)
+
+A string is a u64 byte count then UTF-8 bytes; an array is a u32 item type, a u64 count and
+the items. Dims are listed fastest-varying first, so a torch [out, in] weight has dims
+[in, out]. Quantized types store each row as blocks of 32 consecutive values (`dequantize`).
+"""
+import math
+import struct
+
+import numpy as np
+import torch
+
+# ------------------------------------------------------------------------------- reading
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+# ggml tensor types we read: id -> (name, values per block, bytes per block)
+GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2),
+              8: ("Q8_0", 32, 34), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20)}
+# the others, by name, for error messages (gguf-py constants.py GGMLQuantizationType)
+OTHER_GGML_TYPES = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K",
+                    14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S",
+                    20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16",
+                    26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
+
+# metadata value types: fixed-size ones as struct formats; 8 is a string, 9 an array
+_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+class GGUFFile:
+    """The metadata and tensor table of a GGUF file. The file is memory-mapped: tensor data
+    is only read when `tensor(name)` asks for it.
+
+    metadata: {key: value} (arrays as lists); tensors: {name: (shape [torch order],
+    ggml type, absolute byte offset, byte count)}.
+    """
+
+    def __init__(self, path):
+        self.path = str(path)
+        try:
+            self.data = np.memmap(path, dtype=np.uint8, mode="r")
+        except ValueError:  # numpy cannot map an empty file
+            raise ValueError(f"{path}: not a GGUF file (it is empty)") from None
+        self._buf = memoryview(self.data)
+        self._pos = 0
+        try:
+            self._read_header()
+        except (EOFError, struct.error, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: truncated or corrupt GGUF header ({e})") from None
+
+    def _read_header(self):
+        if bytes(self._buf[:4]) != b"GGUF":
+            raise ValueError(f"{self.path}: not a GGUF file (it starts with {bytes(self._buf[:4])!r}, "
+                             f"not the magic b'GGUF')")
+        self._pos = 4
+        version = self._unpack("I")
+        if version not in (2, 3):
+            hint = " (a big-endian file?)" if version > 0xFFFF else ""
+            raise ValueError(f"{self.path}: GGUF version {version}{hint} is not supported (supported: 2, 3)")
+        n_tensors, n_metadata = self._unpack("Q"), self._unpack("Q")
+        self.metadata = {}
+        for _ in range(n_metadata):
+            key = self._string()
+            self.metadata[key] = self._value(self._unpack("I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = self._string()
+            dims = [self._unpack("Q") for _ in range(self._unpack("I"))]
+            infos.append((name, tuple(reversed(dims)), self._unpack("I"), self._unpack("Q")))
+        alignment = self.metadata.get("general.alignment", 32)
+        data_start = -(-self._pos // alignment) * alignment  # round up to the alignment
+        self.tensors = {}
+        for name, shape, ggml_type, offset in infos:
+            n_values = math.prod(shape)
+            if ggml_type in GGML_TYPES:
+                _, block_values, block_bytes = GGML_TYPES[ggml_type]
+                if shape and shape[-1] % block_values:
+                    raise ValueError(f"{self.path}: tensor {name!r} has rows of {shape[-1]} values, not a "
+                                     f"multiple of the {GGML_TYPES[ggml_type][0]} block size {block_values}")
+                n_bytes = n_values // block_values * block_bytes
+                if data_start + offset + n_bytes > len(self.data):
+                    raise ValueError(f"{self.path}: tensor {name!r} ends past the end of the file "
+                                     f"(truncated: {len(self.data)} bytes)")
+            else:
+                n_bytes = None  # unknown type: only an error when someone reads it
+            self.tensors[name] = (shape, ggml_type, data_start + offset, n_bytes)
+
+    def _take(self, n_bytes):
+        """The offset of the next n_bytes, which the cursor moves past."""
+        if self._pos + n_bytes > len(self._buf):
+            raise EOFError(f"{n_bytes} bytes needed at offset {self._pos}, past the end of the file")
+        self._pos += n_bytes
+        return self._pos - n_bytes
+
+    def _unpack(self, fmt):
+        return struct.unpack_from("<" + fmt, self._buf, self._take(struct.calcsize(fmt)))[0]
+
+    def _string(self):
+        n = self._unpack("Q")
+        start = self._take(n)
+        return str(self._buf[start:start + n], "utf-8")
+
+    def _value(self, value_type):
+        if value_type in _SCALAR_FORMATS:
+            return self._unpack(_SCALAR_FORMATS[value_type])
+        if value_type == _STRING:
+            return self._string()
+        if value_type == _ARRAY:
+            item_type, count = self._unpack("I"), self._unpack("Q")
+            if item_type in _SCALAR_FORMATS:  # one vectorised read (token scores, types ...)
+                dtype = np.dtype("<" + _SCALAR_FORMATS[item_type])
+                return np.frombuffer(self._buf, dtype, count, self._take(count * dtype.itemsize)).tolist()
+            return [self._value(item_type) for _ in range(count)]
+        raise ValueError(f"{self.path}: unknown metadata value type {value_type} at offset {self._pos - 4}")
+
+    def tensor(self, name) -> torch.Tensor:
+        """One tensor as fp32, in torch order (a weight is [out, in])."""
+        shape, ggml_type, start, n_bytes = self.tensors[name]
+        check_tensor_type(self.path, name, ggml_type)
+        values = dequantize(self.data[start:start + n_bytes], ggml_type)
+        return torch.from_numpy(values).reshape(shape)
+
+
+def check_tensor_type(path, name, ggml_type):
+    if ggml_type not in GGML_TYPES:
+        type_name = OTHER_GGML_TYPES.get(ggml_type, "unknown")
+        supported = ", ".join(name for name, _, _ in GGML_TYPES.values())
+        raise ValueError(f"{path}: tensor {name!r} has ggml type {type_name} ({ggml_type}), which "
+                         f"nanolora cannot read (supported: {supported})")
+
+
+def dequantize(raw: np.ndarray, ggml_type: int) -> np.ndarray:
+    """The bytes of one tensor -> its values, flat fp32 (a fresh, writable array).
+
+    Block layouts (ggml-quants.c; each block is 32 consecutive values of one row):
+
+        Q8_0  34 bytes: f16 d | 32 x int8 q             value = d * q
+        Q4_0  18 bytes: f16 d | 16 bytes of nibbles     value = d * (q - 8)
+        Q4_1  20 bytes: f16 d | f16 m | 16 bytes        value = d * q + m
+
+    In Q4_0 / Q4_1, byte j of the 16 holds value j in its low nibble and value j + 16 in its
+    high nibble. BF16 is the top half of an fp32, so shifting it up 16 bits is exact.
+    """
+    name = GGML_TYPES[ggml_type][0]
+    if name == "F32":
+        return raw.view("<f4").astype(np.float32)
+    if name == "F16":
+        return raw.view("<f2").astype(np.float32)
+    if name == "BF16":
+        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+    blocks = raw.reshape(-1, GGML_TYPES[ggml_type][2])
+    d = blocks[:, 0:2].view("<f2").astype(np.float32)  # [n_blocks, 1]
+    if name == "Q8_0":
+        return (d * blocks[:, 2:].view(np.int8).astype(np.float32)).reshape(-1)
+    packed = blocks[:, -16:]
+    q = np.concatenate([packed & 0x0F, packed >> 4], axis=1)  # [n_blocks, 32] in 0..15
+    if name == "Q4_0":
+        return (d * (q.astype(np.int8) - 8).astype(np.float32)).reshape(-1)
+    m = blocks[:, 2:4].view("<f2").astype(np.float32)
+    return (d * q.astype(np.float32) + m).reshape(-1)  # Q4_1
+
+
+# GGUF tensor name -> HF key. Per layer: "blk.{i}.<name>" -> "model.layers.{i}.<HF name>".
+GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                "output.weight": "lm_head.weight"}
+LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+               "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+               "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+               "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj",
+               "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def hf_name(path, name):
+    """A GGUF tensor name -> its HF key, or a clear error for names a decoder does not have."""
+    if name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[name]
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in LAYER_NAMES \
+            and parts[3] in ("weight", "bias"):
+        return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{parts[3]}"
+    raise ValueError(f"{path}: tensor {name!r} has no place in a Llama / Qwen2 / Qwen3 decoder")
+
+
+def unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k permutation (llama architecture only).
+
+    HF rotates the pairs (i, i + head_dim/2) of each head; llama.cpp's llama kernels rotate
+    adjacent pairs (2i, 2i + 1), so its converter reorders each head's rows from
+    [2, head_dim/2] to [head_dim/2, 2]. Here the rows go back: [n_heads, head_dim/2, 2] ->
+    [n_heads, 2, head_dim/2]. Biases are rows too and were reordered the same way.
+    """
+    return w.reshape(n_heads, -1, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def read_gguf_checkpoint(path):
+    """A .gguf file -> (hf_config dict, [(hf_key, load)], Tokenizer); load() reads one tensor."""
+    gguf = GGUFFile(path)
+    meta = gguf.metadata
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"{path}: general.architecture {arch!r} is not supported "
+                         f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    for name, (_, ggml_type, _, _) in gguf.tensors.items():
+        check_tensor_type(path, name, ggml_type)
+    config = hf_config(gguf, arch)
+
+    tensors = []
+    for name in gguf.tensors:
+        if name == "rope_freqs.weight":  # folded into config["rope_scaling"]
+            continue
+        permuted_heads = None  # llama.cpp permutes llama's q and k rows (see unpermute_rows)
+        if arch == "llama" and ".attn_q." in name:
+            permuted_heads = config["num_attention_heads"]
+        elif arch == "llama" and ".attn_k." in name:
+            permuted_heads = config["num_key_value_heads"]
+        tensors.append((hf_name(path, name), _loader(gguf, name, permuted_heads)))
+    return config, tensors, gguf_tokenizer(gguf)
+
+
+def _loader(gguf, name, permuted_heads):
+    def load():
+        w = gguf.tensor(name)
+        return w if permuted_heads is None else unpermute_rows(w, permuted_heads)
+    load.where = gguf.path
+    return load
+
+
+def hf_config(gguf, arch) -> dict:
+    """The HF config.json the file's `{arch}.*` metadata stands for."""
+    meta, path = gguf.metadata, gguf.path
+
+    def key(name, default=None):
+        value = meta.get(f"{arch}.{name}", default)
+        if value is None:
+            raise ValueError(f"{path}: metadata key {arch}.{name} is missing")
+        if isinstance(value, list):
+            raise ValueError(f"{path}: metadata key {arch}.{name} holds one value per layer, "
+                             f"which is not supported (supported: one value for all layers)")
+        return value
+
+    if "token_embd.weight" not in gguf.tensors:
+        raise ValueError(f"{path}: no tensor 'token_embd.weight' (the token embedding)")
+    hidden, n_heads = key("embedding_length"), key("attention.head_count")
+    # llama writes the rotary width as rope.dimension_count (= head_dim: all of it rotates)
+    head_dim = meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count") \
+        or hidden // n_heads
+    config = {
+        "model_type": arch,
+        "vocab_size": gguf.tensors["token_embd.weight"][0][0],
+        "hidden_size": hidden,
+        "intermediate_size": key("feed_forward_length"),
+        "num_hidden_layers": key("block_count"),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": key("attention.head_count_kv", n_heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": key("attention.layer_norm_rms_epsilon"),
+        "rope_theta": float(key("rope.freq_base", 10000.0)),
+        "max_position_embeddings": key("context_length", 2048),
+        "tie_word_embeddings": "output.weight" not in gguf.tensors,  # llama.cpp reuses token_embd
+        "attention_bias": "blk.0.attn_q.bias" in gguf.tensors,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+    }
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    if scaling == "linear":
+        config["rope_scaling"] = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
+    elif scaling != "none":
+        raise ValueError(f"{path}: {arch}.rope.scaling.type {scaling!r} is not supported "
+                         f"(supported: none, linear, and Llama-3 scaling as a rope_freqs tensor)")
+    if "rope_freqs.weight" in gguf.tensors:
+        config["rope_scaling"] = llama3_rope_scaling(gguf.tensor("rope_freqs.weight").double().numpy(),
+                                                     config["rope_theta"], head_dim, path)
+    return config
+
+
+def llama3_rope_scaling(freq_factors, theta, head_dim, path):
+    """rope_freqs.weight -> the HF `rope_scaling` of type llama3 that gives the same RoPE.
+
+    llama.cpp divides rotary frequency i (wavelength w_i = 2pi theta^(2i/d)) by factor_i.
+    Llama-3 scaling makes that 1 where w < orig/high, `factor` where w > orig/low, and
+    1 / ((1 - s)/factor + s) in between, with s = (orig/w - low) / (high - low): s is a line
+    in x = 1/w that crosses 0 at w = orig/low and 1 at w = orig/high. So read `factor` as
+    the largest divisor, s_i from each divisor, fit the line, and fix low = 1 (only orig/low
+    and orig/high matter). The result is checked against every divisor.
+    """
+    from nanolora.config import ModelConfig  # its rope_inv_freq is what will use the result
+    x = theta ** (-np.arange(0, head_dim, 2) / head_dim) / (2 * math.pi)
+    if freq_factors.shape != x.shape:
+        raise ValueError(f"{path}: rope_freqs.weight has {freq_factors.size} values, expected "
+                         f"{x.size} (head_dim / 2)")
+    factor = freq_factors.max()
+    if factor <= 1.0 + 1e-6:
+        return None  # nothing is scaled
+    s = (1 / freq_factors - 1 / factor) / (1 - 1 / factor)
+    medium = (s > 1e-6) & (s < 1 - 1e-6)
+    x_long, short = x[s <= 1e-6].max(), x[s >= 1 - 1e-6]
+    if medium.sum() >= 2:
+        slope, intercept = np.polyfit(x[medium], s[medium], 1)
+    else:  # too few points inside the band to fit: any line through them with the long
+        # wavelengths at s <= 0 and the short ones at s >= 1 gives the same divisors
+        xm, sm = (x[medium][0], s[medium][0]) if medium.any() else (x_long, 0.0)
+        slopes = [sm / (xm - x_long)] if medium.any() else []
+        slopes += [(1 - sm) / (short.min() - xm)] if short.size else [1 / x_long]
+        slope = max(slopes)
+        intercept = sm - slope * xm
+    scaling = {"rope_type": "llama3", "factor": float(factor), "low_freq_factor": 1.0,
+               "high_freq_factor": float(1 - 1 / intercept),
+               "original_max_position_embeddings": float(-slope / intercept)}
+    check = ModelConfig("llama", 1, head_dim, 1, 1, 1, 1, head_dim, rope_theta=theta, rope_scaling=scaling)
+    plain = ModelConfig("llama", 1, head_dim, 1, 1, 1, 1, head_dim, rope_theta=theta)
+    got = (plain.rope_inv_freq() / check.rope_inv_freq()).double().numpy()
+    if not (slope > 0 > intercept) or not np.allclose(got, freq_factors, rtol=1e-5):
+        raise ValueError(f"{path}: rope_freqs.weight does not follow Llama-3 rope scaling "
+                         f"(per-frequency factors {freq_factors.tolist()}); not supported")
+    return scaling
+
+
+# Byte-level BPE pre-tokenizers by `tokenizer.ggml.pre`: the regexes llama.cpp splits text with
+# (src/llama-vocab.cpp), applied in turn, each to the pieces the previous one left.
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3_SPLIT = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # digits one by one
+PRE_TOKENIZERS = {
+    **dict.fromkeys(["llama-bpe", "llama3", "llama-v3", "falcon3", "pixtral", "dbrx", "smaug-bpe"], [_LLAMA3_SPLIT]),
+    **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"], [_QWEN2_SPLIT]),
+    **dict.fromkeys(["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone"], [r"\p{N}", _GPT2_SPLIT]),
+    **dict.fromkeys(["gpt-2", "gpt2", "phi-2", "mpt", "olmo", "jais"], [_GPT2_SPLIT]),
+    "default": [r"[\p{P}\$\+<=>\^~\|]+", _GPT2_SPLIT, r"\p{N}+", r"[0-9][0-9][0-9]"],
+}
+# pre-tokenizers for which llama.cpp adds BOS and takes a whole word in the vocabulary as is
+_LLAMA3_LIKE = ("llama-bpe", "llama3", "llama-v3", "falcon3", "pixtral")
+CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (1 normal, 2 unknown, 5 unused, 6 byte)
+
+
+def gguf_tokenizer(gguf):
+    """The tokenizer the file's `tokenizer.*` metadata describes, as a nanolora Tokenizer.
+
+    gpt2: byte-level BPE (tokens + merges) behind the pre-tokenizer `tokenizer.ggml.pre` names.
+    llama: sentencepiece, rebuilt as transformers does: a byte-fallback BPE whose merges are
+    every split of a normal token into two tokens, best score first, and a Metaspace that
+    turns spaces into '▁' and puts one before the text. Control tokens become special
+    added tokens and user-defined ones plain added tokens, so they are matched whole in text.
+    """
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+
+    from nanolora.tokenizer import Tokenizer
+    meta, path = gguf.metadata, gguf.path
+    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if kind not in ("gpt2", "llama") or not tokens:
+        raise ValueError(f"{path}: tokenizer.ggml.model {kind!r} is not supported (supported: gpt2, llama, "
+                         f"with a tokenizer.ggml.tokens list)")
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    vocab = {token: i for i, token in enumerate(tokens)}
+    if kind == "gpt2":
+        if pre not in PRE_TOKENIZERS:
+            raise ValueError(f"{path}: tokenizer.ggml.pre {pre!r} is not supported "
+                             f"(supported: {', '.join(PRE_TOKENIZERS)})")
+        # llama.cpp splits a merge at the first space after its first character
+        merges = [(m[:m.index(" ", 1)], m[m.index(" ", 1) + 1:]) for m in meta.get("tokenizer.ggml.merges", [])]
+        tok = Backend(models.BPE(vocab, merges, ignore_merges=pre in _LLAMA3_LIKE))
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZERS[pre]]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.decoder = decoders.ByteLevel()
+        add_bos_default = pre in _LLAMA3_LIKE
+    else:
+        scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+        candidates = [(tokens[i][:cut], tokens[i][cut:], scores[i]) for i in range(len(tokens)) if types[i] == 1
+                      for cut in range(1, len(tokens[i])) if tokens[i][:cut] in vocab and tokens[i][cut:] in vocab]
+        # best merged score first; ties as transformers' generate_merges orders them
+        candidates.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+        unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+        tok = Backend(models.BPE(vocab, [(a, b) for a, b, _ in candidates], fuse_unk=True, byte_fallback=True,
+                                 unk_token=None if unk_id is None else tokens[unk_id]))
+        space_prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", split=False,
+                                                     prepend_scheme="first" if space_prefix else "never")
+        steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if space_prefix else []))
+        add_bos_default = True
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ttype in zip(tokens, types) if ttype == CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, ttype in zip(tokens, types) if ttype == USER_DEFINED])
+
+    def token(key):
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+    end_ids = [meta.get(f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom")]
+    return Tokenizer.from_tokenizers(
+        tok, bos_token=token("bos"), eos_token=token("eos"), pad_token=token("padding"), unk_token=token("unknown"),
+        add_bos=meta.get("tokenizer.ggml.add_bos_token", add_bos_default),
+        add_eos=meta.get("tokenizer.ggml.add_eos_token", False), chat_template=meta.get("tokenizer.chat_template"),
+        eos_token_ids=[i for i in end_ids if i is not None])

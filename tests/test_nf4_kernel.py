@@ -1,0 +1,123 @@
+"""kernels/nf4_dequant.py against the torch reference nanolora.nf4.dequantize_nf4, bit for bit.
+
+On the CPU the kernel runs in Triton's interpreter. ``TRITON_INTERPRET`` is read when a
+kernel is decorated, not when triton is imported, so instead of setting it for the whole
+pytest process (which would also turn every other test's kernels into interpreted ones on a
+GPU machine) the ``interpreted`` fixture loads a private copy of the kernel module with the
+variable set just for that import. That works whether or not another test imported triton or
+the real module first (the kernel uses only triton builtins, see its comment on tl.join).
+
+The interpreter's float32 -> bfloat16 cast truncates instead of rounding (measured-here.md),
+so on the CPU we compare fp32 and fp16 outputs; bf16 is compared on the GPU.
+"""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from nanolora.nf4 import dequantize_absmax, dequantize_nf4, quantize_nf4
+
+pytest.importorskip("triton")
+import nanolora.kernels.nf4_dequant as nf4_dequant  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    """A copy of nanolora.kernels.nf4_dequant whose kernel runs in the Triton interpreter."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        spec = importlib.util.spec_from_file_location("_nf4_dequant_interpreted", nf4_dequant.__file__)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+    return module
+
+
+def random_weight(shape, dtype=torch.float32, seed=0, device="cpu"):
+    """Normal weights whose scale varies every 128 elements over ~3 decades (so the
+    double-quantized absmax spans a wide range), with one all-zero block."""
+    g = torch.Generator().manual_seed(seed)
+    numel = torch.Size(shape).numel()
+    scale = torch.exp(torch.randn(-(-numel // 128), 1, generator=g) * 1.5) * 0.02
+    w = (torch.randn(scale.shape[0], 128, generator=g) * scale).flatten()[:numel]
+    w[:64] = 0.0
+    return w.view(shape).to(device=device, dtype=dtype)
+
+
+def test_interpreter_is_used_in_this_process(interpreted):
+    assert type(interpreted._nf4_dequant_kernel).__name__ == "InterpretedFunction"
+
+
+# (130, 320): 650 blocks, not a multiple of the 64 blocks per program, so the last program is
+# masked; (64 * 257,): 257 absmax values, so the last nested block of 256 is partial.
+@pytest.mark.parametrize("shape", [(64, 64), (300, 64), (130, 320), (64 * 257,)])
+@pytest.mark.parametrize("double_quant", [True, False], ids=["double_quant", "fp32_absmax"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16], ids=str)
+def test_interpreted_kernel_equals_reference(interpreted, shape, double_quant, out_dtype):
+    q = quantize_nf4(random_weight(shape, torch.bfloat16), double_quant=double_quant)
+    ours = interpreted.dequantize_nf4_triton(q, out_dtype)
+    assert ours.shape == q.shape and ours.dtype == out_dtype
+    assert torch.equal(ours, dequantize_nf4(q, out_dtype))
+
+
+@pytest.mark.parametrize("blocksize", [32, 128, 256])
+def test_interpreted_kernel_other_blocksizes(interpreted, blocksize):
+    q = quantize_nf4(random_weight((96, 512), seed=1), blocksize=blocksize)
+    assert torch.equal(interpreted.dequantize_nf4_triton(q, torch.float32), dequantize_nf4(q, torch.float32))
+
+
+def test_interpreted_kernel_default_dtype_and_errors(interpreted):
+    q = quantize_nf4(random_weight((64, 128), torch.float16))
+    out = interpreted.dequantize_nf4_triton(q)
+    assert out.dtype == torch.float16 and torch.equal(out, dequantize_nf4(q))
+    with pytest.raises(ValueError, match="dtype torch.int8 is not supported"):
+        interpreted.dequantize_nf4_triton(q, torch.int8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", [(4096, 14336), (14336, 4096), (1024, 4096), (300, 64), (130, 320)])
+@pytest.mark.parametrize("double_quant", [True, False], ids=["double_quant", "fp32_absmax"])
+def test_gpu_kernel_equals_reference(shape, double_quant):
+    w = random_weight(shape, torch.bfloat16, device="cuda")
+    q = quantize_nf4(w, double_quant=double_quant)
+    for out_dtype in (torch.bfloat16, torch.float16, torch.float32):
+        ours = nf4_dequant.dequantize_nf4_triton(q, out_dtype)
+        reference = dequantize_nf4(q, out_dtype)
+        assert ours.dtype == out_dtype and ours.shape == q.shape
+        assert torch.equal(ours, reference), f"{out_dtype}: {(ours != reference).sum()} differ"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_quantize_equals_cpu_quantize():
+    """quantize_nf4 on the GPU writes the same codes and scales as on the CPU (where it is
+    checked against bitsandbytes). Only the double-quant offset, a mean, may differ in its
+    last bit (another summation order), and the 8-bit scales with it."""
+    w = random_weight((1024, 4096), torch.bfloat16)
+    on_gpu = quantize_nf4(w.cuda(), double_quant=False)
+    on_cpu = quantize_nf4(w, double_quant=False)
+    assert torch.equal(on_gpu.packed.cpu(), on_cpu.packed)
+    assert torch.equal(on_gpu.absmax.cpu(), on_cpu.absmax)
+    on_gpu, on_cpu = quantize_nf4(w.cuda()).to("cpu"), quantize_nf4(w)
+    assert torch.equal(on_gpu.packed, on_cpu.packed)
+    torch.testing.assert_close(on_gpu.offset, on_cpu.offset, rtol=1e-6, atol=0)
+    if torch.equal(on_gpu.offset, on_cpu.offset):
+        assert torch.equal(on_gpu.nested_absmax, on_cpu.nested_absmax)
+        assert torch.equal(on_gpu.absmax, on_cpu.absmax)
+    else:
+        # v = absmax - offset moves by an ulp, which can move it across a rounding boundary
+        # of the 8-bit code: one code step at most, and the widest steps of the dynamic code
+        # (its top decade, 0.9 / 64 = 0.01406) are 0.0141 of the nested absmax.
+        torch.testing.assert_close(on_gpu.nested_absmax, on_cpu.nested_absmax, rtol=1e-6, atol=0)
+        step = 0.0141 * on_cpu.nested_absmax.repeat_interleave(256)[: on_cpu.absmax.numel()]
+        moved = (dequantize_absmax(on_gpu) - dequantize_absmax(on_cpu)).abs()
+        assert (moved <= step).all()
+        assert (on_gpu.absmax != on_cpu.absmax).float().mean() < 0.01  # measured: 1 code in 65536
