@@ -100,16 +100,22 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--print_loss_every", type=int, default=0)
+    parser.add_argument("--repeat_batch", action="store_true", help="train on one batch over and over (the loss must fall)")
     args = parser.parse_args()
     if args.system == "unsloth":
         import unsloth  # noqa: F401  (it must be imported before transformers to patch it)
     t0 = time.time()
     vocab, step = {"nanolora": nanolora_setup, "hf": hf_setup, "unsloth": unsloth_setup}[args.system](args.checkpoint, args)
+    torch.cuda.synchronize()
     load_s = time.time() - t0
+    load_peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    loaded_gib = torch.cuda.memory_allocated() / 2**30
     gen = torch.Generator("cuda").manual_seed(0)
     times, losses = [], []
+    ids = torch.randint(0, vocab, (args.batch, args.seq), device="cuda", generator=gen)
     for i in range(args.warmup + args.steps):
-        ids = torch.randint(0, vocab, (args.batch, args.seq), device="cuda", generator=gen)
+        if not args.repeat_batch:
+            ids = torch.randint(0, vocab, (args.batch, args.seq), device="cuda", generator=gen)
         torch.cuda.synchronize()
         start = time.perf_counter()
         loss = step(ids)
@@ -122,7 +128,8 @@ def main():
     median = statistics.median(times)
     print(json.dumps(dict(system=args.system, weights="nf4" if args.nf4 else "bf16", batch=args.batch, seq=args.seq,
                           tokens_per_s=args.batch * args.seq / median, step_s=median,
-                          peak_gib=torch.cuda.max_memory_allocated() / 2**30, load_s=load_s, losses=losses)))
+                          peak_gib=torch.cuda.max_memory_allocated() / 2**30, load_s=load_s,
+                          loaded_gib=loaded_gib, load_peak_gib=load_peak_gib, losses=losses)))
 
 
 if __name__ == "__main__":
