@@ -23,7 +23,8 @@ SHAPES = {  # the rows of ../shared/PEERS.md
 
 
 def tensor_shapes(c):
-    h, i, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * h // c["num_attention_heads"]
+    h, i = c["hidden_size"], c["intermediate_size"]
+    kv = c["num_key_value_heads"] * h // c["num_attention_heads"]
     yield "model.embed_tokens.weight", (c["vocab_size"], h)
     for n in range(c["num_hidden_layers"]):
         p = f"model.layers.{n}."
