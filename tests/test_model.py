@@ -118,15 +118,19 @@ def test_sharded_checkpoint_loads_the_same(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_bf16_parity_on_gpu(tmp_path, family):
-    """bf16 on the GPU against transformers in bf16 on the GPU: both round every matmul to
-    bf16 (8 bits of mantissa), so they agree to ~1e-2 relative, not 1e-5."""
+    """bf16 on the GPU. Both nanolora and transformers round every matmul to bf16 (8 bits of
+    mantissa), so neither matches fp32; the test holds nanolora's error against fp32
+    transformers to transformers' own bf16 error (x1.5, plus a floor for tiny errors)."""
     import transformers
     save_checkpoint(tmp_path, family)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).cuda().eval()
+    truth_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).cuda().eval()
+    hf_bf16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).cuda().eval()
     model, _ = load_model(tmp_path)
     assert model.embed_tokens.weight.dtype == torch.bfloat16
     ids = torch.randint(0, 512, (2, 64), device="cuda")
     with torch.no_grad():
-        expected = ref(ids).logits.float()
-        got = model(ids).float()
-    assert rel_err(got, expected) <= 2e-2
+        truth = truth_model(ids).logits
+        ours = rel_err(model(ids).float(), truth)
+        theirs = rel_err(hf_bf16(ids).logits.float(), truth)
+    print(f"{family}: bf16 error vs fp32 — nanolora {ours:.2e}, transformers {theirs:.2e}")
+    assert ours <= 1.5 * theirs + 2e-3
