@@ -24,6 +24,7 @@ from nanolora import load_model
 from nanolora.data import Batches, load_examples, pad_token_id, split_eval
 from nanolora.files import atomic_path
 from nanolora.lora import attach_lora, lora_layers, lora_parameters, parse_targets, summary
+from nanolora.nf4 import NF4Weight
 from nanolora.peft import peft_key, save_adapter
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -31,6 +32,7 @@ DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # ----------------------------------------------------------------------------- settings
 DEFAULTS = dict(
     model=DEFAULT_MODEL,        # HF folder, hub id or .gguf file
+    load_in_4bit=False,         # QLoRA: the frozen projections in NF4 (bitsandbytes checkpoints load 4-bit anyway)
     data=str(Path(__file__).parent / "data" / "devils_dictionary.jsonl"),
     out="out",                  # adapter, checkpoints and metrics.jsonl land here
     r=16, alpha=32, dropout=0.0, rslora=False,
@@ -147,12 +149,15 @@ def sample_completions(model, tokenizer, examples, device, autocast, max_new_tok
 
 
 def weights_checksum(model):
-    """A float64 fingerprint of every frozen tensor: unchanged weights give the same number."""
+    """A float64 fingerprint of every frozen tensor (NF4 bytes included): unchanged weights
+    give the same number, and any update to them would change it."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    frozen += [t for m in model.modules() if isinstance(getattr(m, "weight", None), NF4Weight)
+               for t in m.weight.tensors().values()]
     total = torch.zeros((), dtype=torch.float64)
-    for p in model.parameters():
-        if not p.requires_grad:
-            values = p.detach().double()
-            total += (values.sum() + values.square().sum()).cpu()
+    for t in frozen:
+        values = t.detach().double()
+        total += (values.sum() + values.square().sum()).cpu()
     return total.item()
 
 
@@ -224,7 +229,7 @@ def main(argv=None):
 
     # --- load, attach LoRA
     t0 = time.time()
-    model, tokenizer = load_model(resolve_model(s.model), device=device, dtype=amp_dtype)
+    model, tokenizer = load_model(resolve_model(s.model), device=device, dtype=amp_dtype, load_in_4bit=s.load_in_4bit)
     attach_lora(model, s.targets, r=s.r, alpha=s.alpha, dropout=s.dropout, rslora=s.rslora)
     model.grad_checkpointing = s.grad_checkpointing
     print(f"loaded {s.model} in {time.time() - t0:.1f}s on {device}; LoRA r={s.r} alpha={s.alpha} "

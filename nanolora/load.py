@@ -2,7 +2,10 @@
 
 The model is built on the meta device (no memory), then each tensor is read from the
 checkpoint, cast, moved to the target device and put in place one at a time: the checkpoint
-is never held twice, and peak memory stays at the loaded model plus one tensor.
+is never held twice, and peak memory stays at the loaded model plus one tensor. With
+load_in_4bit that one tensor is quantized to NF4 on the device before the next is read
+(plus ~14 MB of quantization temporaries, see nf4._CHUNK), so a 4-bit model never exists in
+16-bit on the device; a bitsandbytes 4-bit checkpoint is read as stored.
 """
 import json
 from pathlib import Path
@@ -12,7 +15,8 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from nanolora.config import ModelConfig
-from nanolora.model import Transformer, hf_key
+from nanolora.model import Linear, Transformer, hf_key
+from nanolora.nf4 import NF4Weight, quantize_nf4, read_bnb_quantization_config
 from nanolora.tokenizer import Tokenizer
 
 # What snapshot_download fetches from a hub repo: weights, configs and tokenizer files only
@@ -22,14 +26,22 @@ HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.sa
              "chat_template.jinja", "chat_template.json"]
 # Keys some checkpoints carry that hold nothing we load (RoPE tables are recomputed).
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+NF4_BLOCKSIZE = 64  # QLoRA's, and every *-bnb-4bit checkpoint's
 
 
-def load_model(name_or_path, device=None, dtype=None, *, adapter=None, **options):
+def load_model(name_or_path, device=None, dtype=None, *, adapter=None, load_in_4bit=False,
+               skip_modules=None, **options):
     """Load a Llama / Mistral / Qwen2 / Qwen3 checkpoint.
 
     name_or_path: an HF checkpoint folder, a hub repo id ("org/name"), or a .gguf file.
     device: default "cuda" when available, else "cpu". dtype: default bf16 on GPU, fp32 on CPU.
     adapter: a PEFT LoRA adapter folder to attach (see nanolora/peft.py).
+    load_in_4bit: hold the seven projections of every block (q, k, v, o, gate, up, down) in
+    NF4 with double quantization (QLoRA), quantizing each on the device as it streams in;
+    embeddings, norms, biases and the head stay in `dtype`. A bitsandbytes 4-bit checkpoint
+    (config.json's quantization_config) loads in NF4 as stored, with or without this flag.
+    skip_modules: projections to keep in `dtype` anyway, by name or name suffix, e.g.
+    ["down_proj"], ["mlp.down_proj"] or ["layers.0.mlp.down_proj"] (see `matches`).
     Returns (model, tokenizer). The model's weights are frozen (requires_grad=False): LoRA
     adds the trainable parameters.
     """
@@ -42,20 +54,46 @@ def load_model(name_or_path, device=None, dtype=None, *, adapter=None, **options
         from nanolora.gguf import read_gguf_checkpoint
         hf_config, tensors, tokenizer = read_gguf_checkpoint(name_or_path)
         config = ModelConfig.from_hf(hf_config, source=str(name_or_path))
+        config_file = str(name_or_path)
     else:
         folder = resolve_checkpoint(name_or_path)
         config = ModelConfig.from_json(folder / "config.json")
+        config_file = str(folder / "config.json")
         tensors = iter_safetensors(folder)
         tokenizer = Tokenizer.from_dir(folder)
+    # None, or the modules a bitsandbytes 4-bit checkpoint left unquantized
+    bnb_skipped = read_bnb_quantization_config(config.hf_config.get("quantization_config"), config_file)
 
     with torch.device("meta"):
         model = Transformer(config)
-    place_tensors(model, tensors, device, dtype, source=str(name_or_path))
+    skip_modules = list(skip_modules or [])
+    module_names = [name for name, _ in model.named_modules()]
+    for pattern in skip_modules:
+        if not any(matches(name, [pattern]) for name in module_names):
+            raise ValueError(f"skip_modules: {pattern!r} names no module of this model (expected a "
+                             f"projection name like 'down_proj', 'mlp.down_proj' or 'layers.0.mlp.down_proj')")
+    quantize = set()
+    if load_in_4bit or bnb_skipped is not None:
+        keep_16bit = skip_modules + (bnb_skipped or [])
+        quantize = {hf_key(f"{name}.weight") for name, module in model.named_modules()
+                    if isinstance(module, Linear) and not matches(name, keep_16bit)}
+    place_tensors(model, tensors, device, dtype, source=str(name_or_path), quantize=quantize)
     model.rope_inv_freq = config.rope_inv_freq().to(device)
     if adapter is not None:
         from nanolora.peft import load_adapter
         load_adapter(model, adapter)
     return model.eval(), tokenizer
+
+
+def matches(module_name: str, patterns) -> bool:
+    """Whether a module is named by any of `patterns`: its full name (ours, or HF's with the
+    leading "model."), a trailing part of it ("down_proj", "mlp.down_proj") or a leading one
+    ("layers.0" names every projection of block 0). Parts are whole dotted components:
+    "layers.1" does not name "layers.10.mlp.up_proj". (transformers also reads each pattern
+    as a regular expression; nanolora does not.)"""
+    names = (module_name, hf_key(module_name))
+    return any(name == p or name.endswith("." + p) or name.startswith(p + ".")
+               for p in patterns for name in names)
 
 
 def resolve_checkpoint(name_or_path) -> Path:
@@ -113,17 +151,56 @@ def _reader(handle, key, file):
     return load
 
 
-def place_tensors(model: nn.Module, tensors, device, dtype, source: str):
-    """Fill the meta-device `model` from (hf_key, load) pairs, one tensor at a time."""
+def place_tensors(model: nn.Module, tensors, device, dtype, source: str, quantize=frozenset()):
+    """Fill the meta-device `model` from (hf_key, load) pairs, one tensor at a time.
+
+    `quantize` holds the keys of projection weights to keep in NF4 ("model.layers.0.mlp.up_proj.weight").
+    A 16-bit one is moved to the device, quantized there and dropped, so the device never
+    holds more than one 16-bit projection at a time. A bitsandbytes pre-quantized one arrives
+    as several tensors (P.weight, P.weight.absmax, ..., maybe in any order, across shards):
+    they are kept on the device until all of the ones the checkpoint lists are in, then read
+    as an NF4Weight as they are (or dequantized, for a module that must stay 16-bit).
+    """
     params = {hf_key(name): (module, attr)
               for module_name, module in model.named_modules()
               for attr, p in module.named_parameters(recurse=False)
               for name in [f"{module_name}.{attr}" if module_name else attr]}
     tied = model.config.tie_word_embeddings
+    tensors = list(tensors)  # (key, load) pairs; nothing is read yet
+    keys = {key for key, _ in tensors}
+    # the parts of each bitsandbytes 4-bit weight in the checkpoint: {"P.weight": {its keys}}
+    bnb_groups = {}
+    for key in keys:
+        if key != _weight_key(key) and _weight_key(key) in params:
+            bnb_groups.setdefault(_weight_key(key), set()).add(key)
+    for weight_key, parts in bnb_groups.items():
+        parts.update({weight_key} & keys)  # P.weight itself, the packed codes (if it is there)
+    from_16bit = {key for key in quantize if key in params and key not in bnb_groups}
+    for key in sorted(from_16bit):
+        numel = getattr(*params[key]).numel()
+        if numel % NF4_BLOCKSIZE:
+            raise ValueError(f"{source}: tensor {key!r} has {numel} values, not a multiple of {NF4_BLOCKSIZE}, "
+                             f"so it cannot be held in NF4 (keep it 16-bit with skip_modules=['{key[:-7]}'])")
+    arrived = {}  # "P.weight" -> {key: tensor on the device} while a 4-bit weight is incomplete
     for key, load in tensors:
         where = getattr(load, "where", source)
         if key.endswith(IGNORED_SUFFIXES) or (tied and key == "lm_head.weight"):
             continue  # a tied head may also be stored; HF ties it to the embedding regardless
+        weight_key = _weight_key(key)
+        if weight_key in bnb_groups:
+            parts = arrived.setdefault(weight_key, {})
+            tensor = load()
+            parts[key] = tensor if ".quant_state." in key else tensor.to(device)
+            if parts.keys() == bnb_groups[weight_key]:
+                module, attr = params.pop(weight_key)
+                weight = NF4Weight.from_bnb_state(arrived.pop(weight_key), weight_key[:-7], source=where)
+                if weight.shape != getattr(module, attr).shape:
+                    raise ValueError(f"{where}: tensor {weight_key!r} has shape {list(weight.shape)} in its quant_state, "
+                                     f"expected {list(getattr(module, attr).shape)} from the config")
+                if weight_key not in quantize:  # skipped, not a projection, or no quantization_config
+                    weight = nn.Parameter(weight.dequantize(dtype), requires_grad=False)
+                setattr(module, attr, weight)
+            continue
         if key not in params:
             raise ValueError(f"{where}: unexpected tensor {key!r} (not a parameter of a "
                              f"{model.config.model_type} model with this config)")
@@ -134,8 +211,18 @@ def place_tensors(model: nn.Module, tensors, device, dtype, source: str):
             raise ValueError(f"{where}: tensor {key!r} has shape {list(tensor.shape)}, "
                              f"expected {list(expected)} from the config")
         tensor = tensor.to(dtype=dtype).to(device)  # cast first: a bf16 checkpoint moves half the bytes
-        setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+        if key in quantize:
+            weight = quantize_nf4(tensor, NF4_BLOCKSIZE, double_quant=True)
+            del tensor  # the 16-bit copy goes as soon as its NF4 form exists
+            setattr(module, attr, weight)
+        else:
+            setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
     if params:
         missing = sorted(params)
         raise ValueError(f"{source}: checkpoint is missing {len(missing)} tensor(s): "
                          f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+
+
+def _weight_key(key):
+    """"P.weight.absmax" (a part of a bitsandbytes 4-bit weight) -> "P.weight"; others as they are."""
+    return key.rsplit(".weight.", 1)[0] + ".weight" if ".weight." in key else key

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 
 from nanolora import ops
+from nanolora.model import Linear
+from nanolora.nf4 import NF4Weight
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SHORT_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
@@ -55,11 +57,22 @@ class LoRALinear(nn.Module):
         return self.scale * (self.lora_B.float() @ self.lora_A.float())
 
     @torch.no_grad()
-    def merge(self):
-        """Fold the update into a 16-bit base weight (W += scale B A); forward then skips LoRA."""
-        if not self.merged:
+    def merge(self, dtype=None):
+        """Fold the update into the base weight (W += scale B A); forward then skips LoRA.
+
+        A 16-bit W is updated in place. A 4-bit W cannot hold W + scale B A: it is replaced by
+        a 16-bit copy, dequantize(W) + scale B A summed in fp32 and cast to `dtype` (default:
+        the dtype it was quantized from; merge_lora passes the model's), and stays 16-bit
+        after unmerge. That is what export writes; the NF4 bytes are dropped.
+        """
+        if self.merged:
+            return
+        if isinstance(self.weight, NF4Weight):
+            dense = ops.dequantize_nf4(self.weight, torch.float32) + self.delta_weight()
+            self.weight = nn.Parameter(dense.to(dtype or self.weight.dtype), requires_grad=False)
+        else:
             self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
-            self.merged = True
+        self.merged = True
 
     @torch.no_grad()
     def unmerge(self):
@@ -104,7 +117,7 @@ def attach_lora(model, targets="all", r=16, alpha=16, dropout=0.0, rslora=False)
         for parent in (block.self_attn, block.mlp):
             for name in target_names:
                 linear = getattr(parent, name, None)
-                if isinstance(linear, nn.Linear):
+                if isinstance(linear, Linear):
                     setattr(parent, name, LoRALinear(linear.weight, linear.bias, r, alpha, dropout, rslora))
     model.lora_config = dict(r=r, alpha=alpha, dropout=dropout, rslora=rslora, targets=target_names)
     return model
@@ -120,8 +133,9 @@ def lora_parameters(model):
 
 
 def merge_lora(model):
+    """Merge every LoRA layer; 4-bit bases become 16-bit in the model's dtype (its embedding's)."""
     for _, layer in lora_layers(model):
-        layer.merge()
+        layer.merge(dtype=model.embed_tokens.weight.dtype)
 
 
 def unmerge_lora(model):
@@ -133,7 +147,8 @@ def count_parameters(model) -> tuple[int, int]:
     """(trainable, total), counting each NF4 weight as the number of values it stands for."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    total += sum(m.weight.numel() for _, m in lora_layers(model) if not isinstance(m.weight, torch.Tensor))
+    # NF4 weights are not parameters; count those of LoRA layers and of plain projections alike
+    total += sum(m.weight.numel() for m in model.modules() if isinstance(getattr(m, "weight", None), NF4Weight))
     return trainable, total
 
 

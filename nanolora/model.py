@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from nanolora import ops
 from nanolora.config import ModelConfig
+from nanolora.nf4 import NF4Weight
 
 
 def hf_key(name: str) -> str:
@@ -35,15 +36,45 @@ class RMSNorm(nn.Module):
         return ops.rms_norm(x, self.weight, self.eps)
 
 
+class Linear(nn.Module):
+    """A frozen projection y = x W^T + b whose W [out, in] is a 16-bit tensor or, for QLoRA,
+    an NF4Weight; `ops.linear` computes either.
+
+    nn.Linear would refuse an NF4Weight (not a tensor) in place of its `weight` parameter;
+    this one drops the parameter and keeps the NF4Weight as a plain attribute, so names stay
+    `weight` / `bias` in both cases. An NF4 weight is therefore not in parameters() or
+    state_dict(), and model.to() does not move it: load_model puts it on its device.
+    """
+
+    def __init__(self, in_features, out_features, bias):
+        super().__init__()
+        # left uninitialised: the model is built on the meta device and load_model fills it
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def __setattr__(self, name, value):
+        if name == "weight" and isinstance(value, NF4Weight):
+            self._parameters.pop("weight", None)
+        super().__setattr__(name, value)
+
+    def forward(self, x):
+        return ops.linear(x, self.weight, self.bias)
+
+    def extra_repr(self):
+        out_features, in_features = self.weight.shape
+        kind = "nf4" if isinstance(self.weight, NF4Weight) else str(self.weight.dtype).removeprefix("torch.")
+        return f"in={in_features}, out={out_features}, bias={self.bias is not None}, weight={kind}"
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.n_heads * cfg.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * cfg.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * cfg.head_dim, bias=bias)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_proj = Linear(cfg.hidden_size, cfg.n_heads * cfg.head_dim, bias=bias)
+        self.k_proj = Linear(cfg.hidden_size, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.v_proj = Linear(cfg.hidden_size, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -72,9 +103,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))

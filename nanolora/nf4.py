@@ -73,7 +73,10 @@ VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbyte
 NESTED_BLOCKSIZE = 256  # bitsandbytes always double-quantizes absmax in blocks of 256
 _SUPPORTED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _GRID = 65535  # bitsandbytes' CPU 8-bit quantizer: 65536 grid points on [-1, 1]
-_CHUNK = 1 << 24  # quantize at most this many elements at once (bounds temporaries to ~200 MB)
+# Quantize at most this many elements at once: the temporaries take ~13 bytes per element
+# (fp32 copy, scaled copy, int32 and uint8 codes), ~14 MB here. load_model quantizes each
+# weight on the GPU as it streams in; this keeps that well below one layer's 16-bit weights.
+_CHUNK = 1 << 20
 
 
 def dynamic_code_signed() -> torch.Tensor:
@@ -265,6 +268,36 @@ class NF4Weight:
         out[f"{w}.quant_state.bitsandbytes__nf4"] = torch.tensor(
             list(json.dumps(state).encode("utf-8")), dtype=torch.uint8)
         return out
+
+
+def read_bnb_quantization_config(quantization_config: dict | None, source: str) -> list[str] | None:
+    """config.json's ``quantization_config`` -> None for an unquantized checkpoint, else the
+    module names bitsandbytes left unquantized (``llm_int8_skip_modules``, maybe empty).
+
+    Only bitsandbytes 4-bit NF4 is read (what QLoRA and every ``*-bnb-4bit`` checkpoint
+    use); anything else is refused here, naming the file and the field, before any weight
+    is read. ``source`` names config.json.
+    """
+    if not quantization_config:
+        return None
+    config = quantization_config
+
+    def refuse(field, supported):
+        raise ValueError(f"{source}: quantization_config.{field} = {config.get(field)!r} is not supported "
+                         f"(supported: {supported}; nanolora reads bitsandbytes 4-bit NF4 checkpoints only)")
+
+    if config.get("quant_method", "bitsandbytes") != "bitsandbytes":
+        refuse("quant_method", "'bitsandbytes'")
+    if config.get("load_in_8bit"):
+        refuse("load_in_8bit", "false")
+    if not config.get("load_in_4bit"):
+        refuse("load_in_4bit", "true")
+    if config.get("bnb_4bit_quant_type", "fp4") != "nf4":  # bitsandbytes' default is fp4
+        refuse("bnb_4bit_quant_type", "'nf4'")
+    skipped = config.get("llm_int8_skip_modules") or []
+    if isinstance(skipped, str) or not all(isinstance(name, str) for name in skipped):
+        refuse("llm_int8_skip_modules", "null or a list of module names")
+    return list(skipped)
 
 
 # ---- quantize ------------------------------------------------------------------------------
