@@ -45,6 +45,22 @@ def nanolora_setup(path, args):
     return model.config.vocab_size, step
 
 
+def hf_style_step(model):
+    """One optimizer step of a transformers/PEFT model (HF and Unsloth train the same way)."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-4, fused=True)
+
+    def step(ids):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step
+
+
 def hf_setup(path, args):
     import peft
     import transformers
@@ -56,18 +72,7 @@ def hf_setup(path, args):
     model.enable_input_require_grads()
     model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none",
                                                        target_modules=TARGETS, task_type="CAUSAL_LM"))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=2e-4, fused=True)
-
-    def step(ids):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-    return model.config.vocab_size, step
+    return model.config.vocab_size, hf_style_step(model)
 
 
 def unsloth_setup(path, args):
@@ -76,18 +81,7 @@ def unsloth_setup(path, args):
                                                  load_in_4bit=args.nf4)
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, bias="none",
                                              target_modules=TARGETS, use_gradient_checkpointing="unsloth")
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=2e-4, fused=True)
-
-    def step(ids):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-    return model.config.vocab_size, step
+    return model.config.vocab_size, hf_style_step(model)
 
 
 def main():
