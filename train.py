@@ -38,15 +38,15 @@ DEFAULTS = dict(
     r=16, alpha=32, dropout=0.0, rslora=False,
     targets="all",              # q_proj,...,down_proj / short forms q,k,v,o,gate,up,down / all
     seq_len=256, pack=False, train_on_prompt=False,
-    batch_size=8, grad_accum=1,
-    max_steps=40,               # optimizer steps; 0 = run `epochs` epochs
+    batch_size=4, grad_accum=1,
+    max_steps=30,               # optimizer steps; 0 = run `epochs` epochs
     epochs=1,
     lr=1e-3, schedule="cosine", warmup_steps=4, weight_decay=0.0, max_grad_norm=1.0,
     seed=1337,
     grad_checkpointing=False,
-    eval_size=40,               # held-out examples (or a fraction, e.g. 0.05)
+    eval_size=24,               # held-out examples (or a fraction, e.g. 0.05)
     eval_every=0,               # steps; 0 = only before and after training
-    log_every=5, save_every=20,  # steps; save_every 0 = only the final adapter
+    log_every=5, save_every=15,  # steps; save_every 0 = only the final adapter
     samples=3,                  # held-out prompts to generate from before and after
     resume="",                  # a checkpoint folder, or "latest" in --out
     device="",                  # default: cuda if available, else cpu
@@ -333,7 +333,8 @@ def main(argv=None):
             samples_after = sample_completions(model, tokenizer, shown, device, autocast)
             for ex, before, after in zip(shown, samples_before, samples_after):
                 prompt = ex.input_ids[:next(i for i, label in enumerate(ex.labels) if label != -100)]
-                print(f"\n--- {tokenizer.decode(prompt, skip_special_tokens=True).strip()[-120:]}\n"
+                shown_prompt = " ".join(tokenizer.decode(prompt, skip_special_tokens=True).split())
+                print(f"\n--- ...{shown_prompt[-100:]}\n"
                       f"before: {before}\nafter:  {after}")
         else:
             print(f"eval loss after training: {eval_after:.4f}")

@@ -13,7 +13,8 @@ File layout (GGUF v2/v3, little-endian; ggml-org/ggml docs/gguf.md):
 
 A string is a u64 byte count then UTF-8 bytes; an array is a u32 item type, a u64 count and
 the items. Dims are listed fastest-varying first, so a torch [out, in] weight has dims
-[in, out]. Quantized types store each row as blocks of 32 consecutive values (`dequantize`).
+[in, out]. Quantized types store each row as blocks of 32 consecutive values (the block
+formats are in nanolora/gguf_quants.py; nanolora/gguf_write.py writes GGUF files).
 """
 import math
 import struct
@@ -21,13 +22,14 @@ import struct
 import numpy as np
 import torch
 
+from nanolora.gguf_quants import GGML_TYPES as ALL_GGML_TYPES, READABLE, dequantize  # noqa: F401 (re-exported)
+
 # ------------------------------------------------------------------------------- reading
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 # ggml tensor types we read: id -> (name, values per block, bytes per block)
-GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2),
-              8: ("Q8_0", 32, 34), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20)}
+GGML_TYPES = {type_id: spec for type_id, spec in ALL_GGML_TYPES.items() if spec[0] in READABLE}
 # the others, by name, for error messages (gguf-py constants.py GGMLQuantizationType)
 OTHER_GGML_TYPES = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K",
                     14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S",
@@ -139,37 +141,6 @@ def check_tensor_type(path, name, ggml_type):
         supported = ", ".join(name for name, _, _ in GGML_TYPES.values())
         raise ValueError(f"{path}: tensor {name!r} has ggml type {type_name} ({ggml_type}), which "
                          f"nanolora cannot read (supported: {supported})")
-
-
-def dequantize(raw: np.ndarray, ggml_type: int) -> np.ndarray:
-    """The bytes of one tensor -> its values, flat fp32 (a fresh, writable array).
-
-    Block layouts (ggml-quants.c; each block is 32 consecutive values of one row):
-
-        Q8_0  34 bytes: f16 d | 32 x int8 q             value = d * q
-        Q4_0  18 bytes: f16 d | 16 bytes of nibbles     value = d * (q - 8)
-        Q4_1  20 bytes: f16 d | f16 m | 16 bytes        value = d * q + m
-
-    In Q4_0 / Q4_1, byte j of the 16 holds value j in its low nibble and value j + 16 in its
-    high nibble. BF16 is the top half of an fp32, so shifting it up 16 bits is exact.
-    """
-    name = GGML_TYPES[ggml_type][0]
-    if name == "F32":
-        return raw.view("<f4").astype(np.float32)
-    if name == "F16":
-        return raw.view("<f2").astype(np.float32)
-    if name == "BF16":
-        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
-    blocks = raw.reshape(-1, GGML_TYPES[ggml_type][2])
-    d = blocks[:, 0:2].view("<f2").astype(np.float32)  # [n_blocks, 1]
-    if name == "Q8_0":
-        return (d * blocks[:, 2:].view(np.int8).astype(np.float32)).reshape(-1)
-    packed = blocks[:, -16:]
-    q = np.concatenate([packed & 0x0F, packed >> 4], axis=1)  # [n_blocks, 32] in 0..15
-    if name == "Q4_0":
-        return (d * (q.astype(np.int8) - 8).astype(np.float32)).reshape(-1)
-    m = blocks[:, 2:4].view("<f2").astype(np.float32)
-    return (d * q.astype(np.float32) + m).reshape(-1)  # Q4_1
 
 
 # GGUF tensor name -> HF key. Per layer: "blk.{i}.<name>" -> "model.layers.{i}.<HF name>".

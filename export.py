@@ -1,0 +1,99 @@
+"""Export a trained LoRA adapter: as PEFT reads it, merged into an HF checkpoint, or as GGUF.
+
+    python export.py --base MODEL --adapter out/ --format peft      --out adapter/
+    python export.py --base MODEL --adapter out/ --format merged    --out merged/ [--dtype bf16] [--shard_size 5GB]
+    python export.py --base MODEL --adapter out/ --format gguf      --out model.gguf [--quant q4_k_m]
+    python export.py --base MODEL --adapter out/ --format gguf-lora --out adapter.gguf [--quant f32]
+
+MODEL is what the adapter was trained on: an HF folder, a hub id or a .gguf file. Outputs
+appear only once complete (written under a temporary name, then renamed); an existing
+output is replaced only with --force. GGUF --quant: f32, f16 (default), bf16, q8_0, q4_0,
+q4_k, q6_k (every 2-D weight in that type) or q4_k_m (llama.cpp's mix: see
+nanolora/gguf_write.py); gguf-lora: f32 (default), f16, bf16, q8_0.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from nanolora import load_model
+from nanolora.checkpoint import DTYPES, parse_size, save_merged
+from nanolora.files import atomic_path
+from nanolora.gguf_write import LORA_QUANTS, QUANTS, write_gguf_lora, write_gguf_model
+from nanolora.load import resolve_checkpoint
+from nanolora.peft import save_adapter
+
+FORMATS = ("peft", "merged", "gguf", "gguf-lora")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--base", required=True, help="the base model: HF folder, hub id or .gguf file")
+    parser.add_argument("--adapter", required=True, help="the PEFT adapter folder train.py wrote")
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--out", required=True, help="output folder (peft, merged) or file (gguf, gguf-lora)")
+    parser.add_argument("--quant", help="GGUF tensor type (default: f16 for gguf, f32 for gguf-lora)")
+    parser.add_argument("--dtype", default="bf16", choices=DTYPES, help="merged: weight dtype (default bf16)")
+    parser.add_argument("--shard_size", default="5GB", help="merged: largest shard (default 5GB)")
+    parser.add_argument("--force", action="store_true", help="replace an existing output")
+    args = parser.parse_args(argv)
+    if args.format in ("gguf", "gguf-lora"):
+        args.quant = args.quant or ("f16" if args.format == "gguf" else "f32")
+        allowed = QUANTS if args.format == "gguf" else LORA_QUANTS
+        if args.quant not in allowed:
+            parser.error(f"--quant {args.quant!r} is not a {args.format} type (choose from {', '.join(allowed)})")
+    elif args.quant:
+        parser.error(f"--quant applies to the gguf formats, not {args.format}")
+    try:
+        args.shard_size = parse_size(args.shard_size)
+    except ValueError as e:
+        parser.error(f"--shard_size: {e}")
+    return args
+
+
+def stored_dtype(base):
+    """The dtype the base checkpoint holds (config.json's dtype / torch_dtype), so that loading
+    it neither rounds nor doubles its size; fp32 when unknown (and for GGUF files)."""
+    if str(base).endswith(".gguf"):
+        return torch.float32
+    import json
+    config = json.loads((resolve_checkpoint(base) / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+
+
+def show_progress(done, total, name):
+    print(f"\r[{done}/{total}] {name:<60}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} already exists (pass --force to replace it)")
+    if not Path(args.adapter).is_dir():
+        raise FileNotFoundError(f"--adapter {args.adapter}: no such adapter folder")
+
+    # the base with the adapter attached; load_model checks that every LoRA matrix fits it
+    model, tokenizer = load_model(args.base, device="cpu", dtype=stored_dtype(args.base), adapter=args.adapter)
+    source = args.base if str(args.base).endswith(".gguf") else resolve_checkpoint(args.base)
+    name = Path(str(args.base).rstrip("/")).stem
+    if args.format == "peft":
+        with atomic_path(out) as tmp:
+            save_adapter(model, tmp, base_model_name_or_path=args.base)
+    elif args.format == "merged":
+        save_merged(model, tokenizer, out, DTYPES[args.dtype], args.shard_size, source, show_progress)
+    elif args.format == "gguf":
+        write_gguf_model(model, tokenizer, out, args.quant, source, name, show_progress)
+    else:
+        write_gguf_lora(model, out, args.quant, show_progress)
+    print(f"wrote {out} ({args.format}{', ' + args.quant if args.quant else ''})")
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        sys.exit(f"export: {e}")

@@ -1,0 +1,170 @@
+"""A model with its LoRA merged, written as a Hugging Face checkpoint folder.
+
+`merged_tensors(model)` gives each weight under its HF key as W + scale * B A, summed in
+fp32 one tensor at a time: the model is not changed (its base weights may be bf16 or NF4,
+dequantized first), and the merged weights are rounded once, to the output's dtype.
+`save_merged` writes them as transformers does:
+
+    config.json                      the base's, with `dtype` set and quantization_config dropped
+    generation_config.json           the base's (or bos/eos/pad from the tokenizer)
+    model.safetensors                or model-00001-of-0000N.safetensors ... shards of at
+    model.safetensors.index.json     most `shard_size` bytes, and the index naming each
+                                     tensor's shard
+    tokenizer files                  copied from the base folder; for a GGUF base, tokenizer.json
+                                     and tokenizer_config.json written from its tokenizer
+"""
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from nanolora.files import atomic_path
+from nanolora.lora import LoRALinear
+from nanolora.model import Transformer, hf_key
+
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                    "qwen3": "Qwen3ForCausalLM"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def expected_weights(config) -> dict:
+    """{HF key: shape} of every weight a model of `config` has, in checkpoint order."""
+    with torch.device("meta"):
+        reference = Transformer(config)
+    return {hf_key(name): tuple(p.shape) for name, p in reference.named_parameters()}
+
+
+def merged_tensors(model):
+    """Yield (HF key, fp32 CPU tensor) for every weight of `model`, LoRA folded in.
+
+    Checked against the weights a model of this config has: a weight that is missing, extra
+    or of another shape is an error, not a checkpoint transformers would refuse later.
+    """
+    expected = expected_weights(model.config)
+    produced = 0
+    for module_name, module in model.named_modules():
+        for attr in ("weight", "bias"):
+            # a Parameter, or a plain attribute (an NF4Weight is not a parameter)
+            value = module._parameters.get(attr, module.__dict__.get(attr))
+            if value is None:
+                continue
+            if isinstance(value, torch.Tensor):
+                tensor = value.detach().float()
+            elif hasattr(value, "dequantize"):
+                tensor = value.dequantize(torch.float32)
+            else:
+                continue
+            if attr == "weight" and isinstance(module, LoRALinear) and not module.merged:
+                tensor = tensor + module.delta_weight()
+            key = hf_key(f"{module_name}.{attr}")
+            if expected.get(key) != tuple(tensor.shape):
+                raise ValueError(f"merging: weight {key!r} of shape {list(tensor.shape)} is not part of a "
+                                 f"{model.config.model_type} model with this config (expected "
+                                 f"{list(expected[key]) if key in expected else 'no such weight'})")
+            produced += 1
+            yield key, tensor.cpu()
+    if produced != len(expected):
+        raise ValueError(f"merging: the model gave {produced} weights, a {model.config.model_type} model with "
+                         f"this config has {len(expected)}")
+
+
+def parse_size(text) -> int:
+    """'5GB', '500MB', '2GiB', '1000' -> bytes."""
+    text = str(text).strip().upper()
+    units = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            number = text[:-len(unit)]
+            break
+    else:
+        number, factor = text, 1
+    try:
+        size = int(float(number) * factor)
+    except ValueError:
+        raise ValueError(f"shard size {text!r}: expected a size like 5GB, 500MB or 2GiB") from None
+    if size <= 0:
+        raise ValueError(f"shard size {text!r} must be positive")
+    return size
+
+
+def save_merged(model, tokenizer, folder, dtype=torch.bfloat16, shard_size=5 * 10**9, source=None,
+                progress=None):
+    """Write `model` with its LoRA merged into `folder` (see the module docstring), atomically.
+
+    source: the base model's folder (tokenizer and generation config are copied from it) or
+    .gguf file. progress: called as progress(done, total, tensor key) after each tensor.
+    """
+    config = model.config
+    expected = expected_weights(config)
+    with atomic_path(folder) as tmp:
+        tmp.mkdir(parents=True)
+        shards, shard, shard_bytes, total_size, done = [], {}, 0, 0, 0
+
+        def flush():
+            path = tmp / f"shard-{len(shards)}.safetensors"
+            save_file(shard, path, metadata={"format": "pt"})
+            shards.append((path, list(shard)))
+
+        for key, tensor in merged_tensors(model):
+            tensor = tensor.to(dtype).contiguous()
+            size = tensor.numel() * tensor.element_size()
+            if shard and shard_bytes + size > shard_size:  # as transformers: a new shard when this one is full
+                flush()
+                shard, shard_bytes = {}, 0
+            shard[key], shard_bytes, total_size = tensor, shard_bytes + size, total_size + size
+            done += 1
+            if progress:
+                progress(done, len(expected), key)
+        flush()
+        weight_map = {}
+        for i, (path, keys) in enumerate(shards):
+            name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            path.rename(tmp / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+        hf_config = {k: v for k, v in config.hf_config.items() if k != "quantization_config"}
+        hf_config.setdefault("architectures", [HF_ARCHITECTURES[config.model_type]])
+        hf_config["dtype"] = DTYPE_NAMES[dtype]
+        if "torch_dtype" in hf_config:
+            hf_config["torch_dtype"] = DTYPE_NAMES[dtype]
+        _write_json(tmp / "config.json", hf_config)
+
+        base = Path(source) if source is not None and Path(source).is_dir() else None
+        if base is not None and (base / "generation_config.json").exists():
+            shutil.copy(base / "generation_config.json", tmp)
+        else:
+            eos = tokenizer.eos_token_ids
+            generation = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos,
+                          "pad_token_id": tokenizer.pad_token_id}
+            _write_json(tmp / "generation_config.json", {k: v for k, v in generation.items() if v not in (None, [])})
+        if base is not None:
+            for name in TOKENIZER_FILES:
+                if (base / name).exists():
+                    shutil.copy(base / name, tmp)
+        else:
+            write_tokenizer_files(tokenizer, tmp)
+
+
+def write_tokenizer_files(tokenizer, folder):
+    """tokenizer.json (the backend as it is: vocabulary, pipeline, BOS/EOS post-processor) and
+    a tokenizer_config.json naming the special tokens and the chat template, which
+    transformers' PreTrainedTokenizerFast reads as written."""
+    folder = Path(folder)
+    tokenizer.backend.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+              **tokenizer.special_tokens}
+    if tokenizer.chat_template:
+        config["chat_template"] = tokenizer.chat_template
+    _write_json(folder / "tokenizer_config.json", config)
+
+
+def _write_json(path, data):
+    Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -1,0 +1,205 @@
+"""export.py: PEFT adapters, merged HF checkpoints, the default run, bad input.
+
+Oracles: peft (PeftModel.from_pretrained) and transformers (AutoModelForCausalLM and
+AutoTokenizer on the merged folder); GGUF files are tests/test_export_gguf.py's.
+"""
+import json
+import os
+
+import gguf
+import pytest
+import torch
+
+import train
+from export_fixtures import (HAS_LLAMA_CPP, PROMPT, TEXTS, llama, merged_model, randomize_lora, rel_err,  # noqa: F401
+                             run_export, trained)
+from gguf_fixtures import write_gguf_from_hf
+from hf_fixtures import save_checkpoint
+from nanolora import load_model
+from nanolora.lora import attach_lora, merge_lora
+from nanolora.peft import save_adapter
+
+
+# --------------------------------------------------------------------------------- PEFT
+
+def test_peft_rewrite_loads_in_peft(trained, tmp_path):
+    """rsLoRA adapter (qwen2) re-written for another base name: PEFT reads it and gives
+    nanolora's logits; nanolora reads it back unchanged."""
+    import peft
+    import transformers
+    info = trained("qwen2")
+    run_export(info, "peft", tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["use_rslora"] is True and config["base_model_name_or_path"] == str(info["base"])
+    ours, _ = load_model(info["base"], device="cpu", adapter=tmp_path / "peft")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(info["base"], dtype=torch.float32)
+    ref = peft.PeftModel.from_pretrained(ref, tmp_path / "peft").eval()
+    ids = torch.randint(0, 480, (2, 19), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        err = rel_err(ours(ids), ref(ids).logits)
+    assert err <= 1e-5, err
+
+
+# ------------------------------------------------------------------------------- merged
+
+@pytest.mark.parametrize("family,dtype", [("llama", "f32"), ("qwen3", "f32"), ("llama_tied", "bf16")])
+def test_merged_loads_in_transformers(trained, tmp_path, family, dtype):
+    """fp32: transformers' logits equal nanolora's merged model to fp32 rounding (1e-5); bf16:
+    one bf16 rounding of every merged weight (measured 8.7e-3; bound 2e-2). Small shards
+    to exercise the index; the tokenizer is the base's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    info = trained(family)
+    out = run_export(info, "merged", tmp_path / "merged", "--dtype", dtype, "--shard_size", "1MB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == {"f32": "float32", "bf16": "bfloat16"}[dtype]
+    ours, tokenizer = merged_model(info)
+    from safetensors import safe_open
+    with safe_open(out / index["weight_map"]["model.norm.weight"], "pt") as f:
+        assert f.get_tensor("model.norm.weight").dtype == {"f32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    ref = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.tensor([tokenizer.encode(PROMPT)])
+    with torch.no_grad():
+        err = rel_err(ours(ids), ref(ids).logits)
+    assert err <= (1e-5 if dtype == "f32" else 2e-2), err
+    print(f"\nmerged {family} {dtype}: transformers vs nanolora max|diff|/max|ref| = {err:.2e}")
+    ref_tokenizer = AutoTokenizer.from_pretrained(out)
+    assert all(ref_tokenizer.encode(t) == tokenizer.encode(t) for t in TEXTS)
+
+
+def test_merged_from_4bit_base(tmp_path):
+    """A bitsandbytes 4-bit checkpoint as the base: the merge dequantizes first; the folder is
+    bf16 without quantization_config, and transformers' logits equal nanolora's merged model's
+    (which folds LoRA into the same dequantized weights) to bf16 rounding."""
+    pytest.importorskip("bitsandbytes")
+    import transformers
+    from tok_fixtures import make_bpe_tokenizer_dir
+    save_checkpoint(tmp_path / "fp", "llama", intermediate_size=192)
+    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   bnb_4bit_use_double_quant=True,
+                                                   bnb_4bit_compute_dtype=torch.float32)
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=quantization,
+                                                      device_map="cpu").save_pretrained(tmp_path / "nf4")
+    make_bpe_tokenizer_dir(tmp_path / "nf4")
+    model, tokenizer = load_model(tmp_path / "nf4", device="cpu")
+    attach_lora(model, "all", r=4, alpha=8)
+    randomize_lora(model)
+    save_adapter(model, tmp_path / "adapter")
+    info = dict(base=tmp_path / "nf4", adapter=tmp_path / "adapter")
+    out = run_export(info, "merged", tmp_path / "merged")
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "bfloat16"
+    ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    merge_lora(model)
+    ids = torch.tensor([tokenizer.encode(PROMPT)])
+    with torch.no_grad():
+        err = rel_err(model(ids), ref(ids).logits)
+    assert err <= 2e-2, err
+
+
+def test_merged_from_gguf_base(trained, tmp_path):
+    """A .gguf base: tokenizer.json and tokenizer_config.json are written from its tokenizer;
+    transformers reads them to the same ids, and the model to the same logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    info = trained("qwen3")
+    base = write_gguf_from_hf(info["base"], tmp_path / "base.gguf")
+    out = run_export(info, "merged", tmp_path / "merged", "--dtype", "f32", base=base)
+    ours, tokenizer = load_model(base, device="cpu", adapter=info["adapter"])
+    merge_lora(ours)
+    ref = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.tensor([tokenizer.encode(PROMPT)])
+    with torch.no_grad():
+        assert rel_err(ours(ids), ref(ids).logits) <= 1e-5
+    ref_tokenizer = AutoTokenizer.from_pretrained(out)
+    for text in TEXTS:
+        assert ref_tokenizer.encode(text) == tokenizer.encode(text), text
+
+
+# -------------------------------------------------------------------- the default run
+
+def test_default_run_exports_to_every_format(tmp_path):
+    """train.py's default settings on a tiny checkpoint (hidden 64: every K-quant row falls
+    back), then every format; each output is read by its reader."""
+    import peft
+    import transformers
+    save_checkpoint(tmp_path / "base", "qwen2")
+    train.main(["--model", str(tmp_path / "base"), "--out", str(tmp_path / "run"), "--data", train.DEFAULTS["data"],
+                "--max_steps", "2", "--batch_size", "4", "--eval_size", "4", "--samples", "0", "--save_every", "0"])
+    info = dict(base=tmp_path / "base", adapter=tmp_path / "run")
+    peft_out = run_export(info, "peft", tmp_path / "peft")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(info["base"], dtype=torch.float32)
+    peft.PeftModel.from_pretrained(ref, peft_out)
+    transformers.AutoModelForCausalLM.from_pretrained(run_export(info, "merged", tmp_path / "merged"))
+    outputs = [run_export(info, "gguf", tmp_path / "f16.gguf"),
+               run_export(info, "gguf", tmp_path / "q4_k_m.gguf", "--quant", "q4_k_m"),
+               run_export(info, "gguf-lora", tmp_path / "lora.gguf")]
+    for out in outputs:
+        assert gguf.GGUFReader(out).tensors
+    if HAS_LLAMA_CPP:
+        llama(outputs[1])
+        llama(outputs[0], lora_path=str(outputs[2]))
+
+
+# ---------------------------------------------------------------------------- bad input
+
+def no_leftovers(folder, expected):
+    assert sorted(os.listdir(folder)) == sorted(expected), os.listdir(folder)
+
+
+def test_adapter_for_another_base_is_refused(trained, tmp_path):
+    info = trained("qwen2")
+    save_checkpoint(tmp_path / "other", "qwen2")  # hidden 64, not 256
+    with pytest.raises(ValueError, match=r"tensor 'base_model\.model\.model\.layers\.0\.\S+' has shape .* "
+                                         r"\(was the adapter trained on another base\?\)"):
+        run_export(info, "gguf", tmp_path / "out.gguf", base=tmp_path / "other")
+    no_leftovers(tmp_path, ["other"])
+
+
+def test_bad_quant_and_existing_output(trained, tmp_path, capsys):
+    info = trained("qwen2")
+    with pytest.raises(SystemExit):
+        run_export(info, "gguf", tmp_path / "out.gguf", "--quant", "q3_k")
+    assert "--quant 'q3_k' is not a gguf type (choose from f32, f16, bf16, q8_0, q4_0, q4_k, q6_k, q4_k_m)" \
+        in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_export(info, "gguf-lora", tmp_path / "out.gguf", "--quant", "q4_k")
+    assert "is not a gguf-lora type (choose from f32, f16, bf16, q8_0)" in capsys.readouterr().err
+    (tmp_path / "out.gguf").write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"out.gguf already exists \(pass --force to replace it\)"):
+        run_export(info, "gguf-lora", tmp_path / "out.gguf")
+    assert (tmp_path / "out.gguf").read_text() == "keep me"
+    run_export(info, "gguf-lora", tmp_path / "out.gguf", "--force")
+    assert gguf.GGUFReader(tmp_path / "out.gguf").tensors
+    no_leftovers(tmp_path, ["out.gguf"])
+
+
+def test_architecture_gguf_does_not_cover(tmp_path):
+    """Qwen3 with an o_proj bias: llama.cpp's qwen3 has no place for it."""
+    save_checkpoint(tmp_path / "base", "qwen3", attention_bias=True)
+    model, _ = load_model(tmp_path / "base", device="cpu")
+    attach_lora(model, "q", r=2, alpha=2)
+    save_adapter(model, tmp_path / "adapter")
+    info = dict(base=tmp_path / "base", adapter=tmp_path / "adapter")
+    for fmt in ("gguf", "gguf-lora"):
+        with pytest.raises(ValueError, match=r"GGUF export: llama.cpp's qwen3 has no o_proj bias"):
+            run_export(info, fmt, tmp_path / "out.gguf")
+    no_leftovers(tmp_path, ["base", "adapter"])
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "merged"])
+def test_failure_midway_leaves_no_partial_output(trained, tmp_path, monkeypatch, fmt):
+    info = trained("qwen2")
+    import nanolora.checkpoint as checkpoint
+    real = checkpoint.LoRALinear.delta_weight
+    calls = []
+
+    def failing(self):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("disk full")
+        return real(self)
+    monkeypatch.setattr(checkpoint.LoRALinear, "delta_weight", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        run_export(info, fmt, tmp_path / "out", "--shard_size", "100KB")
+    no_leftovers(tmp_path, [])

@@ -1,0 +1,111 @@
+"""nanolora/gguf_quants.py's quantizers, block by block, on ordinary and awkward rows.
+
+Oracles: gguf-py's numpy quantizers where it has them (F16, BF16, Q8_0, Q4_0, Q5_0, Q5_1) and its
+dequantizers for all; llama.cpp's own quantizers (llama_model_quantize through
+llama-cpp-python) for every type, on a GGUF whose one weight holds the rows below.
+"""
+import numpy as np
+import pytest
+
+import gguf
+from export_fixtures import llama_cpp_quantize, needs_llama_cpp
+from gguf_fixtures import rewrite_gguf
+from hf_fixtures import save_checkpoint
+from nanolora import load_model
+from nanolora.gguf_quants import quantize
+from nanolora.gguf_write import write_gguf_model
+
+COLS = 256  # one K-quant block, eight 32-blocks per row
+
+
+def awkward_rows():
+    """Rows of 256 that exercise the branches of the reference quantizers, all exactly
+    representable in f16 (llama.cpp quantizes from an f16 file)."""
+    rng = np.random.default_rng(0)
+    normal = lambda scale=1.0: rng.standard_normal(COLS) * scale
+    rows = {
+        "zeros": np.zeros(COLS),
+        "negative zeros": np.full(COLS, -0.0),
+        "constant": np.full(COLS, 0.5),
+        "negative constant": np.full(COLS, -0.5),
+        "one outlier": np.where(np.arange(COLS) == 77, 100.0, normal(0.01)),
+        "tiny (f16 subnormals)": normal(1e-6),
+        "integers (ties)": rng.integers(-8, 8, COLS).astype(float),
+        "half integers (ties)": rng.integers(-16, 16, COLS) + 0.5,
+        "all positive": np.abs(normal()),
+        "all negative": -np.abs(normal()),
+        "sparse": np.where(rng.random(COLS) < 0.05, normal(), 0.0),
+        "sub-blocks of very different scale": normal() * np.repeat(10.0 ** rng.integers(-3, 3, 16), 16),
+        "large": normal(3e4).clip(-6e4, 6e4),
+        "zero first half": np.concatenate([np.zeros(COLS // 2), normal()[:COLS // 2]]),
+    }
+    for i in range(64 - len(rows)):  # and ordinary rows at many scales
+        rows[f"normal {i}"] = normal(10.0 ** rng.uniform(-3, 1))
+    return {name: row.astype(np.float16).astype(np.float32) for name, row in rows.items()}
+
+
+@pytest.mark.parametrize("type_name", ["F16", "BF16", "Q8_0", "Q4_0", "Q5_0", "Q5_1"])
+def test_equal_to_gguf_py(type_name):
+    rows = awkward_rows()
+    values = np.stack([row for name, row in rows.items() if name != "negative zeros"])
+    qtype = gguf.GGMLQuantizationType[type_name]
+    ref = np.asarray(gguf.quants.quantize(values, qtype)).view(np.uint8).reshape(len(values), -1)
+    assert np.array_equal(quantize(values, type_name), ref)
+
+
+def test_negative_zero_block_as_ggml():
+    """A 32-block of -0.0: ggml's loops start from max = +0.0 and keep it, so d = +0.0 / -8
+    = -0.0 (bytes 00 80); gguf-py takes the -0.0 itself and writes +0.0. We follow ggml (the
+    llama.cpp comparison below checks it byte for byte)."""
+    out = quantize(np.full((1, 32), -0.0, np.float32), "Q4_0")
+    assert out[0, :2].tolist() == [0x00, 0x80] and (out[0, 2:] == 0x88).all()
+
+
+@pytest.mark.parametrize("type_name,rms", [("Q8_0", 7e-3), ("Q5_0", 5.5e-2), ("Q5_1", 5e-2), ("Q4_0", 0.11),
+                                           ("Q4_K", 9e-2), ("Q5_K", 4.5e-2), ("Q6_K", 2.5e-2)])
+def test_errors(type_name, rms):
+    """Dequantized by gguf-py: zeros stay zeros, and normal rows come back within the type's
+    usual relative RMS error (median / worst of the 50 rows measured: Q8_0 5.4e-3 / 6.3e-3,
+    Q5_0 4.3e-2 / 4.9e-2, Q5_1 3.8e-2 / 4.3e-2, Q4_0 8.6e-2 / 9.7e-2, Q4_K 7.1e-2 / 7.9e-2,
+    Q5_K 3.6e-2 / 4.2e-2, Q6_K 1.8e-2 / 2.1e-2).
+    Rows of values near 1e-6 are lost (scales below f16's range round to zero; Q4_K's min
+    even overshoots), in llama.cpp exactly as here: see test_equal_to_llama_cpp."""
+    rows = awkward_rows()
+    values = np.stack(list(rows.values()))
+    got = gguf.quants.dequantize(quantize(values, type_name), gguf.GGMLQuantizationType[type_name])
+    got = dict(zip(rows, got.reshape(values.shape)))
+    assert not got["zeros"].any() and not got["negative zeros"].any()
+    for name, row in rows.items():
+        if name.startswith("normal"):
+            assert np.sqrt(((got[name] - row) ** 2).mean() / (row ** 2).mean()) <= rms, name
+
+
+@pytest.fixture(scope="module")
+def awkward_gguf(tmp_path_factory):
+    """An f16 GGUF of a tiny model whose blk.0.ffn_up.weight rows are awkward_rows()."""
+    root = tmp_path_factory.mktemp("quants")
+    rows = awkward_rows()
+    save_checkpoint(root / "base", "qwen2", hidden_size=COLS, intermediate_size=len(rows),
+                    num_attention_heads=4, num_key_value_heads=2)
+    model, tokenizer = load_model(root / "base", device="cpu")
+    write_gguf_model(model, tokenizer, root / "plain.gguf", "f16", source=root / "base")
+    values = np.stack(list(rows.values()))
+    raw = values.astype(np.float16).view(np.uint8)
+    return rewrite_gguf(root / "plain.gguf", root / "awkward.gguf",
+                        replace_tensors={"blk.0.ffn_up.weight": (raw, gguf.GGMLQuantizationType.F16)}), values
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("type_name,ftype", [("Q8_0", 7), ("Q4_0", 2), ("Q5_0", 8), ("Q5_1", 9), ("Q4_K", 14),
+                                             ("Q5_K", 16), ("Q6_K", 18)])
+def test_equal_to_llama_cpp(awkward_gguf, tmp_path, type_name, ftype):
+    """llama_model_quantize (pure: every weight in the one type) on the awkward rows: our
+    blocks are llama.cpp's, byte for byte, row by row."""
+    path, values = awkward_gguf
+    out = llama_cpp_quantize(path, tmp_path / "q.gguf", ftype, pure=True)
+    tensor = next(t for t in gguf.GGUFReader(out).tensors if t.name == "blk.0.ffn_up.weight")
+    assert tensor.tensor_type.name == type_name
+    ours = quantize(values, type_name)
+    theirs = np.asarray(tensor.data).reshape(ours.shape)
+    differing = [name for name, a, b in zip(awkward_rows(), ours, theirs) if not np.array_equal(a, b)]
+    assert not differing, differing
