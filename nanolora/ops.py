@@ -149,10 +149,15 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             has_label = (y != -100)[:, None]
             y = y.clamp(min=0)
             logits = (h @ w.T).float()  # [chunk, vocab]
-            log_z = torch.logsumexp(logits, dim=-1, keepdim=True)
-            token_loss = log_z - logits.gather(-1, y[:, None])
+            target_logit = logits.gather(-1, y[:, None])
+            # softmax by hand, in place in the logits' own buffer: one [chunk, vocab] tensor
+            # and five passes over it instead of logsumexp's and softmax's separate copies
+            row_max = logits.amax(-1, keepdim=True)
+            probs = logits.sub_(row_max).exp_()
+            sum_exp = probs.sum(-1, keepdim=True)
+            token_loss = row_max + sum_exp.log() - target_logit  # log Z - logit[label]
             total += token_loss.masked_fill(~has_label, 0.0).sum()
-            d_logits = torch.softmax(logits, dim=-1)  # becomes softmax - onehot, masked
+            d_logits = probs.div_(sum_exp)  # softmax, becoming softmax - onehot, masked
             d_logits.scatter_add_(-1, y[:, None], torch.full_like(token_loss, -1.0))
             d_logits.masked_fill_(~has_label, 0.0)
             grad_hidden[start:start + chunk_size] = d_logits.to(h.dtype) @ w
