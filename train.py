@@ -58,8 +58,11 @@ def parse_settings(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for name, default in DEFAULTS.items():
         kind = {bool: _bool, int: int, float: float}.get(type(default), str)
+        if name == "eval_size":
+            kind = _count_or_fraction
         parser.add_argument(f"--{name}", type=kind, default=default, choices=CHOICES.get(name),
-                            metavar=type(default).__name__.upper() if name not in CHOICES else None)
+                            metavar=type(default).__name__.upper() if name not in CHOICES else None,
+                            help=f"default: {default}")
     s = parser.parse_args(argv)
     parse_targets(s.targets)  # fails early, naming the bad target
     for name in ("r", "seq_len", "batch_size", "grad_accum", "epochs"):
@@ -76,6 +79,14 @@ def _bool(text):
     if text.lower() in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _count_or_fraction(text):
+    """--eval_size: a number of examples (40) or a fraction of them (0.05)."""
+    value = float(text)
+    if value < 0 or (value >= 1 and not value.is_integer()):
+        raise argparse.ArgumentTypeError(f"expected a count or a fraction below 1, got {text!r}")
+    return value if value < 1 else int(value)
 
 
 def resolve_model(name):

@@ -126,6 +126,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(checkpoint, tmp_path, monkeypa
     (["--rslora", "maybe"], "expected true or false, got 'maybe'"),
     (["--r", "0"], "--r must be at least 1"),
     (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag"),
+    (["--eval_size", "1.5"], "expected a count or a fraction below 1, got '1.5'"),
 ])
 def test_bad_flags(flags, message, capsys):
     with pytest.raises(SystemExit):
