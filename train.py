@@ -116,6 +116,14 @@ def resolve_model(name, cache_dir=None):
 
 
 # ----------------------------------------------------------------------------- the step
+def to_device(batch, device):
+    """A batch from data.py on the device. A mask without padding is dropped while it is still
+    on the host, so the model takes SDPA's causal fast path without a device sync."""
+    if batch["attention_mask"] is not None and bool(batch["attention_mask"].all()):
+        batch = {**batch, "attention_mask": None}
+    return {k: None if v is None else v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def accumulate_gradients(model, micro_batches, device, autocast):
     """Backward over one accumulation window; returns (summed loss, label tokens), both on the device.
 
@@ -127,7 +135,7 @@ def accumulate_gradients(model, micro_batches, device, autocast):
     n_label_tokens = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
     loss_sum = torch.zeros((), device=device)
     for mb in micro_batches:
-        mb = {k: None if v is None else v.to(device, non_blocking=True) for k, v in mb.items()}
+        mb = to_device(mb, device)
         with autocast:
             mb_loss = model(mb["input_ids"], mb["attention_mask"], mb["position_ids"],
                             mb["segment_ids"], labels=mb["labels"])
@@ -144,7 +152,7 @@ def evaluate(model, batches, device, autocast):
     total, count = torch.zeros((), device=device), 0
     for batch in batches:
         count += int((batch["labels"] != -100).sum())
-        batch = {k: None if v is None else v.to(device) for k, v in batch.items()}
+        batch = to_device(batch, device)
         with autocast:
             total += model(batch["input_ids"], batch["attention_mask"], batch["position_ids"],
                            batch["segment_ids"], labels=batch["labels"])

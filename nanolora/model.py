@@ -174,7 +174,8 @@ class Transformer(nn.Module):
         """Final-norm hidden states [batch, seq, hidden].
 
         attention_mask [batch, kv_len]: 1 for real tokens, 0 for padding (with a KV cache it
-        covers the cached keys too). position_ids [batch, seq] default to cache_start + 0..seq-1.
+        covers the cached keys too). Pass None when there is no padding: SDPA then takes its
+        causal fast path. (Checking for an all-ones mask here would sync with the device.) position_ids [batch, seq] default to cache_start + 0..seq-1.
         segment_ids [batch, seq]: packed examples; attention stays within one segment.
         """
         batch, seq = input_ids.shape
@@ -182,8 +183,6 @@ class Transformer(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(cache_start, cache_start + seq, device=device).expand(batch, seq)
         kv_len = cache_start + seq
-        if attention_mask is not None and attention_mask.all():
-            attention_mask = None  # no padding: let SDPA use its causal fast path
         mask = build_attention_mask(batch, seq, kv_len, device, q_start=cache_start,
                                     key_padding=attention_mask, segment_ids=segment_ids,
                                     sliding_window=self.config.sliding_window)
