@@ -124,7 +124,7 @@ def to_device(batch, device):
     return {k: None if v is None else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def accumulate_gradients(model, micro_batches, device, autocast):
+def accumulate_gradients(model, micro_batches, device, autocast, scaler=None):
     """Backward over one accumulation window; returns (summed loss, label tokens), both on the device.
 
     Each micro-batch's summed loss is divided by the label tokens of the WHOLE window, so the
@@ -139,7 +139,8 @@ def accumulate_gradients(model, micro_batches, device, autocast):
         with autocast:
             mb_loss = model(mb["input_ids"], mb["attention_mask"], mb["position_ids"],
                             mb["segment_ids"], labels=mb["labels"])
-        (mb_loss / n_label_tokens).backward()
+        loss = mb_loss / n_label_tokens
+        (scaler.scale(loss) if scaler else loss).backward()  # fp16: scaled, unscaled before clipping
         loss_sum += mb_loss.detach()
     return loss_sum, n_label_tokens
 
@@ -303,13 +304,13 @@ def main(argv=None):
 
     # --- the loop
     model.train()
-    metrics = open(out / "metrics.jsonl", "a")
+    metrics = open(out / "metrics.jsonl", "a" if s.resume else "w")
     stream = batches.forever()
     window_loss, window_tokens, window_seen, t_window, t_start = torch.zeros((), device=device), 0, 0, time.time(), time.time()
     start_step = step
     while step < total_steps:
         micro_batches = [next(stream) for _ in range(s.grad_accum)]
-        loss_sum, n_label = accumulate_gradients(model, micro_batches, device, autocast)
+        loss_sum, n_label = accumulate_gradients(model, micro_batches, device, autocast, scaler)
         if scaler:
             scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)

@@ -1,5 +1,6 @@
 """The training loop: exact gradient accumulation, resume, the default run, bad input."""
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -161,3 +162,17 @@ def test_default_model_falls_back_to_the_cached_gguf(tmp_path, monkeypatch):
     ids = torch.tensor([tok_gguf.encode(text)])
     with torch.no_grad():
         assert torch.equal(from_folder(ids), from_gguf(ids))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_training_on_gpu(checkpoint, tmp_path, monkeypatch, has_bf16):
+    """The loop on CUDA: bf16 autocast, or (pretending the GPU lacks bf16) fp16 weights with a
+    GradScaler; the loss falls either way and the frozen weights stay as they were."""
+    if not has_bf16:
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    model = run(checkpoint, tmp_path, "--max_steps", "12", "--lr", "3e-3", "--grad_checkpointing", "true")
+    assert model.embed_tokens.weight.dtype == (torch.bfloat16 if has_bf16 else torch.float16)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert sum(r["loss"] for r in records[-3:]) < sum(r["loss"] for r in records[:3])
