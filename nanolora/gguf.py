@@ -13,8 +13,9 @@ File layout (GGUF v2/v3, little-endian; ggml-org/ggml docs/gguf.md):
 
 A string is a u64 byte count then UTF-8 bytes; an array is a u32 item type, a u64 count and
 the items. Dims are listed fastest-varying first, so a torch [out, in] weight has dims
-[in, out]. Quantized types store each row as blocks of 32 consecutive values (the block
-formats are in nanolora/gguf_quants.py; nanolora/gguf_write.py writes GGUF files).
+[in, out]. Quantized types store each row as blocks of 32 (256 for the K-quants) consecutive
+values (the block formats are in nanolora/gguf_quants.py; nanolora/gguf_write.py writes GGUF
+files).
 """
 import math
 import struct
@@ -31,9 +32,8 @@ SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 # ggml tensor types we read: id -> (name, values per block, bytes per block)
 GGML_TYPES = {type_id: spec for type_id, spec in ALL_GGML_TYPES.items() if spec[0] in READABLE}
 # the others, by name, for error messages (gguf-py constants.py GGMLQuantizationType)
-OTHER_GGML_TYPES = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K",
-                    14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S",
-                    20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16",
+OTHER_GGML_TYPES = {9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS",
+                    19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16",
                     26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
 
 # metadata value types: fixed-size ones as struct formats; 8 is a string, 9 an array
@@ -322,14 +322,15 @@ def gguf_tokenizer(gguf):
 
     gpt2: byte-level BPE (tokens + merges) behind the pre-tokenizer `tokenizer.ggml.pre` names.
     llama: sentencepiece, rebuilt as transformers does: a byte-fallback BPE whose merges are
-    every split of a normal token into two tokens, best score first, and a Metaspace that
-    turns spaces into '▁' and puts one before the text. Control tokens become special
+    every split of a normal token into two tokens, best score first, behind the pipeline of
+    transformers' LlamaTokenizer (tokenizer.llama_pipeline: spaces become '▁', one before the
+    text unless tokenizer.ggml.add_space_prefix is false). Control tokens become special
     added tokens and user-defined ones plain added tokens, so they are matched whole in text.
     """
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as Backend
 
-    from nanolora.tokenizer import Tokenizer
+    from nanolora.tokenizer import Tokenizer, llama_pipeline
     meta, path = gguf.metadata, gguf.path
     kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
     tokens = meta.get("tokenizer.ggml.tokens")
@@ -359,11 +360,7 @@ def gguf_tokenizer(gguf):
         unk_id = meta.get("tokenizer.ggml.unknown_token_id")
         tok = Backend(models.BPE(vocab, [(a, b) for a, b, _ in candidates], fuse_unk=True, byte_fallback=True,
                                  unk_token=None if unk_id is None else tokens[unk_id]))
-        space_prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", split=False,
-                                                     prepend_scheme="first" if space_prefix else "never")
-        steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-        tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if space_prefix else []))
+        llama_pipeline(tok, legacy=False, add_prefix_space=meta.get("tokenizer.ggml.add_space_prefix", True))
         add_bos_default = True
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                             for t, ttype in zip(tokens, types) if ttype == CONTROL])

@@ -75,7 +75,7 @@ class Tokenizer:
         extra_tokens = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
         extra_tokens = [_token_text(t) for t in (extra_tokens.values() if isinstance(extra_tokens, dict)
                                                  else extra_tokens)]
-        # transformers 5 picks its LlamaTokenizer (which rebuilds the pipeline, see _llama_pipeline)
+        # transformers 5 picks its LlamaTokenizer (which rebuilds the pipeline, see llama_pipeline)
         # when tokenizer_config.json names it, unless config.json's model_type maps to another
         # class: mistral and mixtral, say, get its generic class, which uses tokenizer.json as written.
         tokenizer_class = config.get("tokenizer_class")
@@ -88,7 +88,7 @@ class Tokenizer:
             # add_bos_token/add_eos_token are ignored here: transformers keeps the file's post-processor
             backend = Backend.from_file(str(folder / "tokenizer.json"))
             if is_llama and '"ByteLevel"' not in backend.to_str():  # Llama 3 ships ByteLevel as Llama*
-                _llama_pipeline(backend, legacy, add_prefix_space)
+                llama_pipeline(backend, legacy, add_prefix_space)
         elif (folder / "tokenizer.model").exists():
             if not is_llama:
                 raise ValueError(
@@ -101,7 +101,7 @@ class Tokenizer:
             for name, default in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>")):
                 special_tokens[name] = _token_text(config.get(name, default))
             backend = _sentencepiece_to_bpe(folder / "tokenizer.model")
-            _llama_pipeline(backend, legacy, add_prefix_space)
+            llama_pipeline(backend, legacy, add_prefix_space)
             add_bos_eos = config.get("add_bos_token", False), config.get("add_eos_token", False)
         else:
             raise FileNotFoundError(f"{folder}: no tokenizer.json or tokenizer.model in this folder")
@@ -200,7 +200,7 @@ def _set_bos_eos_post_processor(backend: Backend, bos, eos, add_bos: bool, add_e
     backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
 
 
-def _llama_pipeline(backend: Backend, legacy: bool, add_prefix_space):
+def llama_pipeline(backend: Backend, legacy: bool, add_prefix_space):
     """transformers 5's LlamaTokenizer pipeline: no normalizer; spaces become '▁' and one '▁' is put
     before the text (legacy=False: only at its very start, legacy=True: also after every special
     token, as the old sentencepiece-based tokenizer did); decoding undoes both and joins byte pieces."""

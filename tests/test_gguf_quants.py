@@ -1,4 +1,4 @@
-"""nanolora/gguf_quants.py's quantizers, block by block, on ordinary and awkward rows.
+"""nanolora/gguf_quants.py's quantizers and dequantizers, block by block, on ordinary and awkward rows.
 
 Oracles: gguf-py's numpy quantizers where it has them (F16, BF16, Q8_0, Q4_0, Q5_0, Q5_1) and its
 dequantizers for all; llama.cpp's own quantizers (llama_model_quantize through
@@ -12,7 +12,7 @@ from export_fixtures import llama_cpp_quantize, needs_llama_cpp
 from gguf_fixtures import rewrite_gguf
 from hf_fixtures import save_checkpoint
 from nanolora import load_model
-from nanolora.gguf_quants import quantize
+from nanolora.gguf_quants import dequantize, quantize
 from nanolora.gguf_write import write_gguf_model
 
 COLS = 256  # one K-quant block, eight 32-blocks per row
@@ -51,6 +51,36 @@ def test_equal_to_gguf_py(type_name):
     qtype = gguf.GGMLQuantizationType[type_name]
     ref = np.asarray(gguf.quants.quantize(values, qtype)).view(np.uint8).reshape(len(values), -1)
     assert np.array_equal(quantize(values, type_name), ref)
+
+
+# where each block type keeps its f16 scales (ggml-common.h): random bytes elsewhere are valid blocks
+F16_SCALE_OFFSETS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q4_K": (0, 2),
+                     "Q5_K": (0, 2), "Q6_K": (208,)}
+GGUF_PY_QUANTIZES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+
+
+@pytest.mark.parametrize("type_name", list(F16_SCALE_OFFSETS))
+def test_dequantize_equals_gguf_py(type_name):
+    """Bit for bit, on blocks from our quantizer, from gguf-py's (where it has one), and of
+    random bytes (every 4/5/6-bit code and 6-bit scale, sign bits, ...) with finite f16 scales."""
+    qtype = gguf.GGMLQuantizationType[type_name]
+    values = np.stack(list(awkward_rows().values()))
+    rng = np.random.default_rng(1)
+    block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
+    random_blocks = rng.integers(0, 256, (256, block_bytes), dtype=np.uint8)
+    for offset in F16_SCALE_OFFSETS[type_name]:
+        scales = rng.standard_normal(256) * 10.0 ** rng.uniform(-6, 4, 256)
+        random_blocks[:, offset:offset + 2] = scales.astype("<f2").view(np.uint8).reshape(-1, 2)
+    sources = {"random bytes": random_blocks}
+    if type_name != "Q4_1":  # we write no Q4_1
+        sources["ours"] = quantize(values, type_name)
+    if type_name in GGUF_PY_QUANTIZES:
+        sources["gguf-py"] = np.asarray(gguf.quants.quantize(values, qtype)).view(np.uint8)
+    for source, raw in sources.items():
+        raw = np.ascontiguousarray(raw).reshape(-1)
+        ours = dequantize(raw, int(qtype))
+        ref = gguf.quants.dequantize(raw, qtype).reshape(-1).astype(np.float32)
+        assert ours.dtype == np.float32 and np.array_equal(ours.view(np.uint32), ref.view(np.uint32)), source
 
 
 def test_negative_zero_block_as_ggml():

@@ -18,7 +18,7 @@ from gguf_fixtures import llama3_rope_factors, rewrite_gguf, write_gguf_from_hf
 from hf_fixtures import VOCAB, make_hf_model, save_checkpoint
 from nanolora import load_model
 from nanolora.config import ModelConfig
-from nanolora.gguf import GGUFFile, dequantize, llama3_rope_scaling, read_gguf_checkpoint
+from nanolora.gguf import ALL_GGML_TYPES, GGUFFile, dequantize, llama3_rope_scaling, read_gguf_checkpoint
 from tok_fixtures import CORPUS, make_bpe_tokenizer_dir, make_sentencepiece_dir
 
 QUANTS = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"]
@@ -73,6 +73,37 @@ def test_logits_match_transformers(checkpoints, tmp_path, family, quant):
         err = rel_err(ours(ids), ref(ids).logits)
     # both dequantize to fp32 with the same arithmetic, so the weights are bit-identical
     assert err <= 1e-5, f"{family} {quant}: max|diff|/max|ref| = {err:.2e}"
+
+
+def test_k_quant_mix_matches_transformers(tmp_path):
+    """nanolora's q4_k_m export of a model with 256-wide rows, plus one Q5_K and one Q5_1
+    weight (llama.cpp's q4_k_m puts those only in 80-layer models): every block type a
+    Q4_K_M download holds. Read back by nanolora and by transformers (gguf-py dequantizes)."""
+    from transformers import AutoModelForCausalLM
+
+    from nanolora.gguf_quants import quantize
+    from nanolora.gguf_write import write_gguf_model
+    hf_folder, out = tmp_path / "hf", tmp_path / "gguf"
+    save_checkpoint(hf_folder, "qwen2", hidden_size=256, intermediate_size=384, num_attention_heads=4,
+                    num_key_value_heads=2)
+    model, tokenizer = load_model(hf_folder, device="cpu")
+    write_gguf_model(model, tokenizer, tmp_path / "q4_k_m.gguf", "q4_k_m", source=hf_folder)
+    # ffn_down's rows of 384 fall back to Q5_0 (for Q4_K) and Q8_0 (for Q6_K)
+    swap = {"blk.0.attn_k.weight": "Q5_K", "blk.0.attn_output.weight": "Q5_1"}
+    reader = GGUFFile(tmp_path / "q4_k_m.gguf")
+    replace = {name: (quantize(reader.tensor(name).numpy(), qtype), gguf.GGMLQuantizationType[qtype])
+               for name, qtype in swap.items()}
+    os.makedirs(out)
+    path = rewrite_gguf(tmp_path / "q4_k_m.gguf", out / "model.gguf", replace_tensors=replace)
+    types = {ALL_GGML_TYPES[t][0] for _, t, _, _ in GGUFFile(path).tensors.values()}
+    assert types == {"F32", "Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1", "Q8_0"}
+
+    ours, _ = load_model(path, device="cpu")
+    ref = AutoModelForCausalLM.from_pretrained(out, gguf_file=path.name).eval()
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        err = rel_err(ours(ids), ref(ids).logits)
+    assert err <= 1e-5, f"max|diff|/max|ref| = {err:.2e}"
 
 
 @pytest.mark.parametrize("family", ["llama_rope3", "llama_linear_rope", "llama_tied", "qwen3"])
@@ -301,11 +332,12 @@ def test_unsupported_architecture(tmp_path):
 def test_unsupported_tensor_type(checkpoints, tmp_path):
     hf_folder, _ = checkpoints["llama"]
     path = write_gguf_from_hf(hf_folder, tmp_path / "ok.gguf")
-    q4_k = (np.zeros((160, 144), np.uint8), gguf.GGMLQuantizationType.Q4_K)  # 160 rows of one 256-value block
-    rewrite_gguf(path, tmp_path / "q4k.gguf", replace_tensors={"blk.1.ffn_up.weight": q4_k})
-    with pytest.raises(ValueError, match=r"q4k.gguf: tensor 'blk.1.ffn_up.weight' has ggml type Q4_K \(12\), which "
-                                         r"nanolora cannot read \(supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1\)"):
-        load_model(tmp_path / "q4k.gguf", device="cpu")
+    q2_k = (np.zeros((160, 84), np.uint8), gguf.GGMLQuantizationType.Q2_K)  # 160 rows of one 256-value block
+    rewrite_gguf(path, tmp_path / "q2k.gguf", replace_tensors={"blk.1.ffn_up.weight": q2_k})
+    with pytest.raises(ValueError, match=r"q2k.gguf: tensor 'blk.1.ffn_up.weight' has ggml type Q2_K \(10\), which "
+                                         r"nanolora cannot read \(supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, "
+                                         r"Q5_0, Q5_1, Q4_K, Q5_K, Q6_K\)"):
+        load_model(tmp_path / "q2k.gguf", device="cpu")
 
 
 # ------------------------------------------------------------------ a real model
