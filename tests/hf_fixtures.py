@@ -50,3 +50,12 @@ def save_checkpoint(path, family, seed=0, max_shard_size=None, **overrides):
     model.save_pretrained(path, **kwargs)
     make_bpe_tokenizer_dir(path)
     return model
+
+
+def randomize_lora(model, seed=0):
+    """Give every LoRA matrix random values (B included), as a trained adapter has."""
+    from nanolora.lora import lora_parameters
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_fixtures import save_checkpoint
+from hf_fixtures import randomize_lora, save_checkpoint
 from nanolora import load_model, ops
 from nanolora.lora import attach_lora, lora_layers, lora_parameters, merge_lora, parse_targets, summary, unmerge_lora
 from nanolora.peft import save_adapter
@@ -16,13 +16,6 @@ def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama")
     save_checkpoint(path, "llama")
     return path
-
-
-def randomize_lora(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
 def rel_err(a, b):

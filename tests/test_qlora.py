@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import train
-from hf_fixtures import save_checkpoint
+from hf_fixtures import randomize_lora, save_checkpoint
 from nanolora import load_model, ops
 from nanolora.lora import attach_lora, count_parameters, lora_parameters, merge_lora, unmerge_lora
 from nanolora.model import Linear
@@ -258,13 +258,6 @@ def test_qlora_model_saves_no_weight_sized_tensor(quantized):
 
 
 # ---- LoRA on a 4-bit base --------------------------------------------------------------------
-
-def randomize_lora(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-
 
 def test_lora_on_nf4_base_trains_only_lora_and_matches_peft(quantized, tmp_path):
     """Only LoRA matrices get gradients (also with gradient checkpointing); logits and LoRA
