@@ -47,12 +47,15 @@ def main():
     parser.add_argument("out")
     parser.add_argument("--shape", choices=SHAPES, default="llama3-8b")
     parser.add_argument("--shard_gb", type=float, default=5.0)
+    parser.add_argument("--layers", type=int, default=None, help="fewer blocks of the same shape (for profiling)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu", rms_norm_eps=1e-5,
                   rope_theta=500000.0, max_position_embeddings=131072, bos_token_id=0, eos_token_id=1,
                   torch_dtype="bfloat16", **SHAPES[args.shape])
+    if args.layers:
+        config["num_hidden_layers"] = args.layers
     (out / "config.json").write_text(json.dumps(config, indent=2))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator(device).manual_seed(0)
