@@ -24,9 +24,9 @@ from nanolora import load_model
 from nanolora.checkpoint import save_merged
 from nanolora.data import Batches, load_examples, pad_token_id, split_eval
 from nanolora.files import atomic_path
-from nanolora.lora import attach_lora, lora_layers, lora_parameters, parse_targets, summary
+from nanolora.lora import attach_lora, lora_parameters, parse_targets, summary
 from nanolora.nf4 import NF4Weight
-from nanolora.peft import peft_key, save_adapter
+from nanolora.peft import load_adapter_weights, save_adapter
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -205,16 +205,11 @@ def save_checkpoint(folder, model, optimizer, scheduler, scaler, batches, step, 
 
 def load_checkpoint(folder, model, optimizer, scheduler, scaler, batches):
     """Restore a checkpoint written by save_checkpoint; returns the step it was taken at."""
-    from safetensors.torch import load_file
     folder = Path(folder)
     if not (folder / "trainer_state.pt").exists():
         sys.exit(f"--resume: {folder} is not a checkpoint folder (no trainer_state.pt)")
     state = torch.load(folder / "trainer_state.pt", weights_only=False)
-    adapter = load_file(folder / "adapter_model.safetensors")
-    with torch.no_grad():
-        for name, layer in lora_layers(model):
-            layer.lora_A.copy_(adapter[peft_key(name, "lora_A")])
-            layer.lora_B.copy_(adapter[peft_key(name, "lora_B")])
+    load_adapter_weights(model, folder)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler and state["scaler"]:

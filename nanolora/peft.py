@@ -82,8 +82,13 @@ def read_adapter_config(folder) -> dict:
 
 def load_adapter(model, folder):
     """Attach the adapter in `folder` to `model` and fill in its weights."""
-    settings = read_adapter_config(folder)
-    attach_lora(model, **settings)
+    attach_lora(model, **read_adapter_config(folder))
+    return load_adapter_weights(model, folder)
+
+
+def load_adapter_weights(model, folder):
+    """Copy the LoRA matrices in `folder` into `model`'s LoRA layers (already attached),
+    checking that every one is there, with the shape the model needs."""
     file = Path(folder) / WEIGHTS_FILE
     if not file.exists():
         raise FileNotFoundError(f"{file}: adapter weights missing")
@@ -97,7 +102,7 @@ def load_adapter(model, folder):
             param = expected.pop(key.replace(".default.weight", ".weight"), None)
             if param is None:
                 raise ValueError(f"{file}: unexpected tensor {key!r} (not a LoRA matrix of the "
-                                 f"targets {settings['targets']} on this model)")
+                                 f"targets {model.lora_config['targets']} on this model)")
             tensor = f.get_tensor(key)
             if tensor.shape != param.shape:
                 raise ValueError(f"{file}: tensor {key!r} has shape {list(tensor.shape)}, but the base "
