@@ -63,7 +63,8 @@ class LoRALinear(nn.Module):
         A 16-bit W is updated in place. A 4-bit W cannot hold W + scale B A: it is replaced by
         a 16-bit copy, dequantize(W) + scale B A summed in fp32 and cast to `dtype` (default:
         the dtype it was quantized from; merge_lora passes the model's), and stays 16-bit
-        after unmerge. That is what export writes; the NF4 bytes are dropped.
+        after unmerge; the NF4 bytes are dropped. (Export does not change the model: it computes
+        the same fp32 sum tensor by tensor, in checkpoint.merged_tensors.)
         """
         if self.merged:
             return
