@@ -22,7 +22,6 @@ import torch
 import triton
 import triton.language as tl
 
-from nanolora.nf4 import NF4Weight
 
 # Tuning (H100, memory-bound: 0.5 byte read per weight, 2 bytes written in bf16).
 # Each program handles BLOCKS_PER_PROGRAM whole quantization blocks as a 2-D tile
@@ -81,8 +80,8 @@ def _nf4_dequant_kernel(
     tl.store(out_ptr + element, values, mask=in_range[:, None])
 
 
-def dequantize_nf4_triton(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``q`` as a dense tensor of its original shape in ``dtype`` (default: its original
+def dequantize_nf4_triton(q, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``q`` (an NF4Weight of nanolora/nf4.py: packed, absmax, code, ...) as a dense tensor of its original shape in ``dtype`` (default: its original
     dtype); equal to ``nanolora.nf4.dequantize_nf4(q, dtype)`` bit for bit."""
     dtype = q.dtype if dtype is None else dtype
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):

@@ -48,9 +48,7 @@ class LoRALinear(nn.Module):
         return self.lora_B.shape[0]
 
     def forward(self, x):
-        if self.merged:
-            return ops.linear(x, self.weight, self.bias)
-        return ops.lora_linear(x, self)
+        return ops.projection(x, self)  # the base projection alone once merged
 
     def delta_weight(self):
         """scale * B A [out, in], the update LoRA adds to W (fp32)."""

@@ -38,7 +38,7 @@ class RMSNorm(nn.Module):
 
 class Linear(nn.Module):
     """A frozen projection y = x W^T + b whose W [out, in] is a 16-bit tensor or, for QLoRA,
-    an NF4Weight; `ops.linear` computes either.
+    an NF4Weight; `ops.projection` computes either.
 
     nn.Linear would refuse an NF4Weight (not a tensor) in place of its `weight` parameter;
     this one drops the parameter and keeps the NF4Weight as a plain attribute, so names stay
@@ -58,7 +58,7 @@ class Linear(nn.Module):
         super().__setattr__(name, value)
 
     def forward(self, x):
-        return ops.linear(x, self.weight, self.bias)
+        return ops.projection(x, self)
 
     def extra_repr(self):
         out_features, in_features = self.weight.shape
@@ -83,13 +83,9 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, kv_cache=None, cache_start=0):
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, heads, seq, head_dim]
-        q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
+        # q [batch, n_heads, seq, head_dim], k/v [batch, n_kv_heads, seq, head_dim]
+        q, k, v = ops.qkv_rope(x, self.q_proj, self.k_proj, self.v_proj, cos, sin, self.head_dim,
+                               self.q_norm, self.k_norm)
         if kv_cache is not None:  # write this step's keys/values, attend to everything so far
             k_cache, v_cache = kv_cache
             end = cache_start + seq
@@ -108,7 +104,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+        return ops.gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj, activation="silu")
 
 
 class Block(nn.Module):

@@ -1,17 +1,49 @@
 """The seam between the model and the kernels.
 
-Model code calls the functions here and never tests for CUDA itself. Each function below is
-the torch reference for its op; where a Triton kernel covers the case (CUDA tensors, a
-supported dtype) it dispatches to kernels/ instead, and tests compare the two.
+Model code calls the ops here, once per block piece (a whole MLP, the q/k/v projections with
+RoPE, one projection, RMSNorm, the loss), and never tests for CUDA itself. Each op has a torch
+reference, named `<op>_reference` and written out beside its dispatcher: that is the op's
+definition, and the tests compare the fused kernels in kernels/ against it (forward and
+backward). An op dispatches to its kernel when the tensors are on CUDA, kernels are enabled
+and the case is one the kernel covers (e.g. LoRA dropout 0); otherwise the reference runs.
+
+`NANOLORA_KERNELS=0` in the environment, or `ops.use_kernels(False)` from Python, forces the
+references everywhere.
 """
+import os
+
 import torch
 import torch.nn.functional as F
 
 from nanolora import nf4
 from nanolora.nf4 import NF4Weight
 
+_kernels_enabled = os.environ.get("NANOLORA_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 
-def rms_norm(x, weight, eps):
+
+def use_kernels(enabled: bool):
+    """Turn the Triton/fused paths on or off for this process (the references run when off)."""
+    global _kernels_enabled
+    _kernels_enabled = bool(enabled)
+
+
+def kernels_enabled() -> bool:
+    return _kernels_enabled
+
+
+def _fast(*tensors) -> bool:
+    """True when the fused path may run: kernels on and every tensor on CUDA."""
+    return _kernels_enabled and all(t.is_cuda for t in tensors)
+
+
+def compute_dtype(x):
+    """The dtype matmuls run in: autocast's when autocast is on for x's device, else x's."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
+# ----------------------------------------------------------------------------- RMSNorm
+def rms_norm_reference(x, weight, eps):
     """weight * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back (as HF does)."""
     dtype = x.dtype
     x = x.float()
@@ -19,6 +51,14 @@ def rms_norm(x, weight, eps):
     return weight * x.to(dtype)
 
 
+def rms_norm(x, weight, eps):
+    if _fast(x, weight) and not weight.requires_grad and weight.dtype == x.dtype:
+        from nanolora.kernels.rms_norm import rms_norm_triton
+        return rms_norm_triton(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)
+
+
+# ----------------------------------------------------------------------------- RoPE
 def rope_cos_sin(inv_freq, position_ids, dtype):
     """cos and sin [batch, seq, head_dim] for positions [batch, seq], computed in fp32.
 
@@ -30,30 +70,23 @@ def rope_cos_sin(inv_freq, position_ids, dtype):
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rope(x, cos, sin):
-    """Rotate x [batch, heads, seq, head_dim] by the angles in cos/sin [batch, seq, head_dim]."""
-    cos, sin = cos[:, None], sin[:, None]
+def apply_rope_reference(x, cos, sin):
+    """Rotate x [batch, seq, heads, head_dim] by the angles in cos/sin [batch, seq, head_dim]."""
+    cos, sin = cos[:, :, None], sin[:, :, None]
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
 
 
-def attention(q, k, v, mask):
-    """Scaled dot-product attention with grouped-query heads.
-
-    q [batch, n_heads, q_len, head_dim], k/v [batch, n_kv_heads, kv_len, head_dim].
-    mask: None for plain causal attention over a whole sequence (lets SDPA pick its flash
-    kernel), else a boolean [batch or 1, 1, q_len, kv_len], True where a query may look.
-    """
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                          enable_gqa=q.shape[1] != k.shape[1])
+def rope_qk(q, k, cos, sin):
+    """q [batch, seq, n_heads, head_dim] and k [batch, seq, n_kv_heads, head_dim], rotated."""
+    if _fast(q, k, cos) and q.dtype == k.dtype == cos.dtype:
+        from nanolora.kernels.rope import rope_qk_triton
+        return rope_qk_triton(q, k, cos, sin)
+    return apply_rope_reference(q, cos, sin), apply_rope_reference(k, cos, sin)
 
 
-def swiglu(gate, up):
-    """silu(gate) * up: the gated activation between the MLP's up and down projections."""
-    return F.silu(gate) * up
-
-
+# ----------------------------------------------------------------------------- projections
 def dequantize_nf4(weight: NF4Weight, dtype):
     """An NF4Weight as a dense tensor in `dtype`: the Triton kernel on CUDA, the torch
     reference elsewhere (the two are equal bit for bit, tests/test_nf4_kernel.py)."""
@@ -104,24 +137,149 @@ def linear(x, weight, bias=None):
     dtype, and x and b are cast to it. The output has that dtype; dL/dx comes back in x's.
     """
     if isinstance(weight, NF4Weight):
-        device_type = x.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-        return _NF4Linear.apply(x, weight, bias, dtype)
+        return _NF4Linear.apply(x, weight, bias, compute_dtype(x))
     return F.linear(x, weight, bias)
 
 
-def lora_linear(x, layer):
-    """A LoRALinear's forward: x W^T + b + scale * (dropout(x) A^T) B^T.
+def has_lora(layer) -> bool:
+    """True for an unmerged LoRALinear (duck-typed: ops.py does not import lora.py)."""
+    return getattr(layer, "lora_A", None) is not None and not layer.merged
+
+
+def projection_reference(x, layer):
+    """One projection's forward, as written: x W^T + b, plus scale * (dropout(x) A^T) B^T for
+    an unmerged LoRA layer.
 
     A and B are fp32 master copies; they are cast to the activation dtype here (autocast
     would do the same) so that a bf16 model without autocast, e.g. in generate(), works too.
     """
     base = linear(x, layer.weight, layer.bias)
+    if not has_lora(layer):
+        return base
     lora_x = layer.dropout(x)
     update = F.linear(F.linear(lora_x, layer.lora_A.to(lora_x.dtype)), layer.lora_B.to(lora_x.dtype))
     return base + layer.scale * update
 
 
+def _fused_projection(layer, dtype):
+    """The layer's state as the fused kernels take it (kernels/lora_projections.Projection),
+    or None when the fused path does not cover it: LoRA dropout active, or a trainable base
+    weight or bias (full fine-tuning)."""
+    from nanolora.kernels.lora_projections import Projection
+    weight, bias = layer.weight, layer.bias
+    if getattr(weight, "requires_grad", False) or (bias is not None and bias.requires_grad):
+        return None
+    if not has_lora(layer):
+        return Projection(weight, bias, None, None, None, None, 0.0)
+    if layer.training and getattr(layer.dropout, "p", 0.0) > 0:
+        return None
+    lora_A, scaled_B = lora_weights_cast(layer, dtype)
+    return Projection(weight, bias, layer.lora_A, layer.lora_B, lora_A, scaled_B, layer.scale)
+
+
+@torch.no_grad()
+def lora_weights_cast(layer, dtype):
+    """(A, scale * B) in the compute dtype, cast once and reused until A or B changes.
+
+    The fp32 masters change only at optimizer steps, but every forward (and every checkpoint
+    recompute) needs them in bf16: the cast is cached on the layer, keyed on the tensors'
+    version counters, which every in-place update (the optimizer's, load_state_dict's) bumps.
+    """
+    A, B = layer.lora_A, layer.lora_B
+    key = (A._version, B._version, A.data_ptr(), B.data_ptr(), dtype, layer.scale)
+    cached = getattr(layer, "_lora_cast", None)
+    if cached is None or cached[0] != key:
+        cached = (key, A.to(dtype), (B * layer.scale).to(dtype))
+        layer._lora_cast = cached
+    return cached[1], cached[2]
+
+
+def _fused_projections(x, layers):
+    """Projection states for layers, all fusable, or None (then the reference runs)."""
+    if not _fast(x):
+        return None
+    dtype = compute_dtype(x)
+    states = [_fused_projection(layer, dtype) for layer in layers]
+    return None if any(s is None for s in states) else (states, dtype)
+
+
+def projection(x, layer):
+    """A frozen projection (model.Linear) or a LoRA one (lora.LoRALinear) applied to x."""
+    fused = _fused_projections(x, [layer])
+    if fused is None:
+        return projection_reference(x, layer)
+    from nanolora.kernels.lora_projections import lora_projections
+    return lora_projections(x, *fused)[0]
+
+
+# ----------------------------------------------------------------------------- attention
+def qkv_rope_reference(x, q_proj, k_proj, v_proj, cos, sin, head_dim, q_norm=None, k_norm=None):
+    """Queries, keys and values for attention: the three projections of x [batch, seq, hidden],
+    split into heads, q/k RMSNorm over head_dim (Qwen3), RoPE on q and k.
+    Returns q [batch, n_heads, seq, head_dim], k and v [batch, n_kv_heads, seq, head_dim]."""
+    batch, seq, _ = x.shape
+    q = projection_reference(x, q_proj).view(batch, seq, -1, head_dim)
+    k = projection_reference(x, k_proj).view(batch, seq, -1, head_dim)
+    v = projection_reference(x, v_proj).view(batch, seq, -1, head_dim)
+    if q_norm is not None:
+        q, k = rms_norm_reference(q, q_norm.weight, q_norm.eps), rms_norm_reference(k, k_norm.weight, k_norm.eps)
+    q, k = apply_rope_reference(q, cos, sin), apply_rope_reference(k, cos, sin)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def qkv_rope(x, q_proj, k_proj, v_proj, cos, sin, head_dim, q_norm=None, k_norm=None):
+    """qkv_rope_reference's result; on CUDA the three projections run as one fused LoRA op
+    (x read once for the backward, the three input gradients summed inside the GEMMs) and
+    RoPE rotates q and k in one kernel."""
+    fused = _fused_projections(x, [q_proj, k_proj, v_proj])
+    if fused is None:
+        return qkv_rope_reference(x, q_proj, k_proj, v_proj, cos, sin, head_dim, q_norm, k_norm)
+    from nanolora.kernels.lora_projections import lora_projections
+    batch, seq, _ = x.shape
+    q, k, v = (t.view(batch, seq, -1, head_dim) for t in lora_projections(x, *fused))
+    if q_norm is not None:
+        q, k = rms_norm(q, q_norm.weight, q_norm.eps), rms_norm(k, k_norm.weight, k_norm.eps)
+    q, k = rope_qk(q, k, cos, sin)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def attention(q, k, v, mask):
+    """Scaled dot-product attention with grouped-query heads.
+
+    q [batch, n_heads, q_len, head_dim], k/v [batch, n_kv_heads, kv_len, head_dim].
+    mask: None for plain causal attention over a whole sequence (lets SDPA pick its flash
+    kernel), else a boolean [batch or 1, 1, q_len, kv_len], True where a query may look.
+    """
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+# ----------------------------------------------------------------------------- MLP
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+def gated_mlp_reference(x, gate_proj, up_proj, down_proj, activation="silu"):
+    """down(act(gate(x)) * up(x)): SwiGLU with silu (Llama, Mistral, Qwen), GeGLU with gelu_tanh."""
+    gate = projection_reference(x, gate_proj)
+    up = projection_reference(x, up_proj)
+    return projection_reference(ACTIVATIONS[activation](gate) * up, down_proj)
+
+
+def gated_mlp(x, gate_proj, up_proj, down_proj, activation="silu"):
+    """gated_mlp_reference's result; on CUDA one fused op: the gate/up GEMMs with their LoRA
+    terms folded in, the activation and its backward in one Triton kernel each, the down GEMM."""
+    fused = _fused_projections(x, [gate_proj, up_proj, down_proj])
+    if fused is None:
+        return gated_mlp_reference(x, gate_proj, up_proj, down_proj, activation)
+    from nanolora.kernels.lora_mlp import lora_mlp
+    (gate, up, down), dtype = fused
+    return lora_mlp(x, gate, up, down, dtype, activation)
+
+
+# ----------------------------------------------------------------------------- the loss
 class _LinearCrossEntropySum(torch.autograd.Function):
     """sum_i CE(hidden_i W^T, label_i) over rows with a label, one chunk of rows at a time.
 
