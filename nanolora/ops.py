@@ -333,7 +333,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         return grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight, None, None
 
 
-def cross_entropy_sum(hidden, weight, labels, chunk_size=None):
+def cross_entropy_sum_reference(hidden, weight, labels, chunk_size=None):
     """Summed next-token cross-entropy over label positions (labels == -100 are skipped).
 
     hidden [batch, seq, d] are the final-norm states, weight [vocab, d] the output head,
@@ -341,10 +341,24 @@ def cross_entropy_sum(hidden, weight, labels, chunk_size=None):
     Returns the fp32 sum. Dividing is the training loop's job: it knows how many label
     tokens the whole accumulation window holds.
     """
+    hidden, labels, chunk_size = _shifted_rows(hidden, weight, labels, chunk_size)
+    return _LinearCrossEntropySum.apply(hidden, weight, labels, chunk_size)
+
+
+def cross_entropy_sum(hidden, weight, labels, chunk_size=None):
+    """cross_entropy_sum_reference's result; on CUDA with a frozen head, the softmax and its
+    gradient in one Triton pass over each chunk's 16-bit logits (kernels/cross_entropy.py)."""
+    if not (_fast(hidden, weight) and not weight.requires_grad):
+        return cross_entropy_sum_reference(hidden, weight, labels, chunk_size)
+    from nanolora.kernels.cross_entropy import linear_cross_entropy_sum
+    hidden, labels, chunk_size = _shifted_rows(hidden, weight, labels, chunk_size)
+    return linear_cross_entropy_sum(hidden, weight, labels, chunk_size)
+
+
+def _shifted_rows(hidden, weight, labels, chunk_size):
+    """hidden rows 0..seq-2 and labels 1..seq-1, flattened; the chunk size in rows."""
     # ~256 MiB of fp32 logits per chunk (512 rows of a 128k vocabulary): big enough for
     # efficient matmuls, small beside the activations of a long sequence.
     chunk_size = chunk_size or max(64, 2**26 // weight.shape[0])
     d = hidden.shape[-1]
-    hidden = hidden[:, :-1].reshape(-1, d)
-    labels = labels[:, 1:].reshape(-1)
-    return _LinearCrossEntropySum.apply(hidden, weight, labels, chunk_size)
+    return hidden[:, :-1].reshape(-1, d), labels[:, 1:].reshape(-1), chunk_size
