@@ -10,7 +10,9 @@ NF4 dequantized just before each GEMM); the activation is one Triton kernel forw
 backward, instead of act, multiply and their backward as separate passes.
 
 What is kept for backward: x, e, g and the thin x A^T, h A_d^T [T, r]. Not h: it is as big as e
-and is recomputed in the backward kernel, which reads e and g anyway.
+and is recomputed in the backward kernel, which reads e and g anyway. Nor is y needed by the
+backward: when a checkpointed block is recomputed, the down GEMM (a quarter of a Llama
+block's forward FLOPs) can be skipped (`skip_output`, see nanolora.ops.gated_mlp).
 
 Backward, with dy = dL/dy [T, hidden]:
 
@@ -35,8 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
-from nanolora.kernels.lora_projections import (Projection, dense_weight, gather_grads, lora_parameters,
-                                               project, project_backward)
+from nanolora.kernels.lora_projections import (Projection, add_input_grad, dense_weight, gather_grads,
+                                               lora_parameters, project, project_backward,
+                                               project_with_input_lora)
 
 BLOCK = 1024  # elements per program: memory-bound, 4 warps x 32 threads x 8 elements
 GELU_C = 0.7978845608028654  # sqrt(2 / pi)
@@ -104,16 +107,19 @@ class LoRAMLP(torch.autograd.Function):
     """y = down(act(gate(x)) * up(x)) with LoRA on any of the three; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, x, gate: Projection, up: Projection, down: Projection, dtype, activation, *lora_params):
+    def forward(ctx, x, gate: Projection, up: Projection, down: Projection, dtype, activation, skip_output,
+                *lora_params):
         x2d = x.reshape(-1, x.shape[-1]).to(dtype)
         e, xa_gate = project(x2d, gate, dtype)
         g, xa_up = project(x2d, up, dtype)
         h = gated_activation(e, g, activation)
-        y, xa_down = project(h, down, dtype)
-        del h
+        xa_down = h @ down.lora_A_cast.T if down.lora_A is not None else None
         ctx.projections, ctx.activation, ctx.x_shape, ctx.x_dtype = (gate, up, down), activation, x.shape, x.dtype
-        xas = [xa for xa in (xa_gate, xa_up, xa_down) if xa is not None]
-        ctx.save_for_backward(x2d, e, g, *xas)
+        ctx.save_for_backward(x2d, e, g, *[xa for xa in (xa_gate, xa_up, xa_down) if xa is not None])
+        if skip_output:  # a recompute whose output nobody reads: the graph is all it is for
+            y = torch.empty(x2d.shape[0], down.weight.shape[0], device=x.device, dtype=dtype)
+        else:
+            y = project_with_input_lora(h, xa_down, down, dtype)
         return y.view(*x.shape[:-1], -1)
 
     @staticmethod
@@ -122,15 +128,13 @@ class LoRAMLP(torch.autograd.Function):
         gate, up, down = ctx.projections
         xa_gate, xa_up, xa_down = (saved_xas.pop(0) if p.lora_A is not None else None for p in ctx.projections)
         dy = dy.reshape(-1, dy.shape[-1]).to(x2d.dtype)
-        # down: dh = dy W_d + dxa_d A_d; its dA_d = dxa_d^T h waits for the kernel to remake h
-        w = dense_weight(down.weight, dy.dtype)
-        dh = dy @ w
-        del w
-        grad_A_down = grad_B_down = None
+        # down: dh = dxa_d A_d + dy W_d; its dA_d = dxa_d^T h waits for the kernel to remake h
+        grad_A_down = grad_B_down = dh = None
         if down.lora_A is not None:
             dxa_down = dy @ down.scaled_B_cast  # [T, r]
-            dh.addmm_(dxa_down, down.lora_A_cast)
+            dh = dxa_down @ down.lora_A_cast
             grad_B_down = (dy.T @ xa_down).mul_(down.scale).to(down.lora_B.dtype)
+        dh = add_input_grad(dh, dy, dense_weight(down.weight, dy.dtype))
         h, de, dg = gated_activation_backward_(dh, e, g, ctx.activation)
         if down.lora_A is not None:
             grad_A_down = (dxa_down.T @ h).to(down.lora_A.dtype)
@@ -140,13 +144,18 @@ class LoRAMLP(torch.autograd.Function):
         dx, grad_A_up, grad_B_up = project_backward(dg, x2d, xa_up, up, dx, need_dx)
         dx = dx.view(ctx.x_shape).to(ctx.x_dtype) if need_dx else None
         grads = [(grad_A_gate, grad_B_gate), (grad_A_up, grad_B_up), (grad_A_down, grad_B_down)]
-        return (dx, None, None, None, None, None, *gather_grads(ctx.projections, grads))
+        return (dx, None, None, None, None, None, None, *gather_grads(ctx.projections, grads))
 
 
-def lora_mlp(x, gate, up, down, dtype, activation="silu"):
+def lora_mlp(x, gate, up, down, dtype, activation="silu", skip_output=False):
     """The gated MLP of x [..., hidden] in the compute dtype, differentiable in x and in every
-    LoRA A/B. Runs with autocast off: the dtypes are decided here."""
+    LoRA A/B. Runs with autocast off: the dtypes are decided here.
+
+    skip_output=True leaves the output's values uncomputed (an uninitialised tensor that
+    carries the graph): for a checkpoint recompute, which needs only what the backward saves.
+    The caller must know that nothing reads the values (ops.gated_mlp decides)."""
     if activation not in ("silu", "gelu_tanh"):
         raise ValueError(f"lora_mlp: activation {activation!r} is not supported (silu, gelu_tanh)")
     with torch.autocast(x.device.type, enabled=False):
-        return LoRAMLP.apply(x, gate, up, down, dtype, activation, *lora_parameters((gate, up, down)))
+        return LoRAMLP.apply(x, gate, up, down, dtype, activation, skip_output,
+                             *lora_parameters((gate, up, down)))

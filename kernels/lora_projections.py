@@ -10,8 +10,9 @@ The written-out formula costs, per projection, a GEMM for the base, two thin GEM
 update, then a pass to scale the update and a pass to add it to the base: two extra round
 trips of the [T, out] output through memory, and two more in backward. Here the scale is
 folded into B once (B~ = s B, cast to the compute dtype once per optimizer step by ops.py),
-and the update is added by the second thin GEMM itself: y.addmm_(x A^T, B~^T) computes
-y + (x A^T) B~^T with the "+ y" in cuBLAS' epilogue (beta = 1), so the output is written once.
+and the two terms meet inside a GEMM: the thin one writes u = (x A^T) B~^T, then
+u.addmm_(x, W^T) computes u + x W^T with the "+ u" in cuBLAS' epilogue (beta = 1), so the
+output is written by GEMMs only, with no elementwise pass of its own.
 
 Backward (dy_i = dL/dy_i [T, out]; W frozen, so no dW; b frozen, so no db):
 
@@ -53,31 +54,44 @@ def dense_weight(weight, dtype):
 
 
 def project(x, p: Projection, dtype):
-    """y = x W^T + b + (x A^T) B~^T for x [T, in]; returns (y, x A^T or None)."""
+    """y = x W^T + b + (x A^T) B~^T for x [T, in]; returns (y, x A^T or None).
+
+    The thin update GEMM runs first and writes y; the big GEMM then adds x W^T into y with
+    beta = 1, reading y in its epilogue, where a compute-bound GEMM has bandwidth to spare.
+    (The other order, big GEMM first and then y.addmm_(xa, B~^T), makes the thin GEMM read
+    and write all of y: a memory-bound pass as slow as a separate add.)
+    """
+    xa = x @ p.lora_A_cast.T if p.lora_A is not None else None  # [T, r]
+    return project_with_input_lora(x, xa, p, dtype), xa
+
+
+def project_with_input_lora(x, xa, p: Projection, dtype):
+    """project()'s y, given xa = x A^T already computed (None without LoRA)."""
     w = dense_weight(p.weight, dtype)
-    y = x @ w.T if p.bias is None else torch.addmm(p.bias.to(dtype), x, w.T)
-    del w  # an NF4 weight's dense copy goes back to the allocator before the next one is made
-    if p.lora_A is None:
-        return y, None
-    xa = x @ p.lora_A_cast.T
-    y.addmm_(xa, p.scaled_B_cast.T)
-    return y, xa
+    if xa is None:
+        return x @ w.T if p.bias is None else torch.addmm(p.bias.to(dtype), x, w.T)
+    y = xa @ p.scaled_B_cast.T if p.bias is None else torch.addmm(p.bias.to(dtype), xa, p.scaled_B_cast.T)
+    return y.addmm_(x, w.T)
+
+
+def add_input_grad(dx, dy, w):
+    """dx + dy w, with dx None meaning zero (then it is allocated here)."""
+    return dy @ w if dx is None else dx.addmm_(dy, w)
 
 
 def project_backward(dy, x, xa, p: Projection, dx, need_dx=True):
     """Adds this projection's dL/dx into dx (allocated on first use; skipped when the input
-    needs no gradient, e.g. the first block's); returns (dx, dA, dB)."""
+    needs no gradient, e.g. the first block's); returns (dx, dA, dB). As in forward, the thin
+    LoRA term goes into dx before the big GEMM, which then accumulates in its epilogue."""
+    grad_A = grad_B = None
+    if p.lora_A is not None:
+        dxa = dy @ p.scaled_B_cast  # [T, r]
+        if need_dx:
+            dx = add_input_grad(dx, dxa, p.lora_A_cast)
+        grad_A = (dxa.T @ x).to(p.lora_A.dtype)
+        grad_B = (dy.T @ xa).mul_(p.scale).to(p.lora_B.dtype)
     if need_dx:
-        w = dense_weight(p.weight, dy.dtype)
-        dx = dy @ w if dx is None else dx.addmm_(dy, w)
-        del w
-    if p.lora_A is None:
-        return dx, None, None
-    dxa = dy @ p.scaled_B_cast  # [T, r]
-    if need_dx:
-        dx.addmm_(dxa, p.lora_A_cast)
-    grad_A = (dxa.T @ x).to(p.lora_A.dtype)
-    grad_B = (dy.T @ xa).mul_(p.scale).to(p.lora_B.dtype)
+        dx = add_input_grad(dx, dy, dense_weight(p.weight, dy.dtype))
     return dx, grad_A, grad_B
 
 

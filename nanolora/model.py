@@ -104,7 +104,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return ops.gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj, activation="silu")
+        # output_only_added: Block adds this to the residual stream and reads it nowhere else,
+        # so a checkpoint recompute may skip computing it (ops.gated_mlp)
+        return ops.gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj, activation="silu",
+                             output_only_added=True)
 
 
 class Block(nn.Module):
@@ -187,7 +190,8 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.layers):
             layer_cache = None if kv_cache is None else kv_cache[i]
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, mask, layer_cache, cache_start, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, mask, layer_cache, cache_start, use_reentrant=False,
+                               context_fn=ops.checkpoint_contexts)
             else:
                 x = block(x, cos, sin, mask, layer_cache, cache_start)
         return self.norm(x)

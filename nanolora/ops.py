@@ -11,9 +11,11 @@ and the case is one the kernel covers (e.g. LoRA dropout 0); otherwise the refer
 references everywhere.
 """
 import os
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from nanolora import nf4
 from nanolora.nf4 import NF4Weight
@@ -177,16 +179,32 @@ def _fused_projection(layer, dtype):
     return Projection(weight, bias, layer.lora_A, layer.lora_B, lora_A, scaled_B, layer.scale)
 
 
+# Every optimizer step (any torch.optim.Optimizer subclass: fused AdamW, 8-bit AdamW, SGD...)
+# bumps this, through torch's global post-step hook; the LoRA casts below are keyed on it.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs):
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 @torch.no_grad()
 def lora_weights_cast(layer, dtype):
-    """(A, scale * B) in the compute dtype, cast once and reused until A or B changes.
+    """(A, scale * B) in the compute dtype, cast once and reused until A or B may have changed.
 
     The fp32 masters change only at optimizer steps, but every forward (and every checkpoint
-    recompute) needs them in bf16: the cast is cached on the layer, keyed on the tensors'
-    version counters, which every in-place update (the optimizer's, load_state_dict's) bumps.
+    recompute) needs them in bf16: the cast is cached on the layer, keyed on the count of
+    optimizer steps taken in this process and on the tensors' version counters. Both are
+    needed: the fused AdamW kernel updates parameters in place WITHOUT bumping their version
+    counters (tests/test_kernels.py shows it), while a copy_ or load_state_dict bumps them
+    without any optimizer step.
     """
     A, B = layer.lora_A, layer.lora_B
-    key = (A._version, B._version, A.data_ptr(), B.data_ptr(), dtype, layer.scale)
+    key = (_optimizer_steps, A._version, B._version, A.data_ptr(), B.data_ptr(), dtype, layer.scale)
     cached = getattr(layer, "_lora_cast", None)
     if cached is None or cached[0] != key:
         cached = (key, A.to(dtype), (B * layer.scale).to(dtype))
@@ -268,15 +286,42 @@ def gated_mlp_reference(x, gate_proj, up_proj, down_proj, activation="silu"):
     return projection_reference(ACTIVATIONS[activation](gate) * up, down_proj)
 
 
-def gated_mlp(x, gate_proj, up_proj, down_proj, activation="silu"):
+def gated_mlp(x, gate_proj, up_proj, down_proj, activation="silu", output_only_added=False):
     """gated_mlp_reference's result; on CUDA one fused op: the gate/up GEMMs with their LoRA
-    terms folded in, the activation and its backward in one Triton kernel each, the down GEMM."""
+    terms folded in, the activation and its backward in one Triton kernel each, the down GEMM.
+
+    output_only_added: the caller promises that the output is only ever added to something
+    (the residual stream of a Llama block) and is the last thing its checkpointed block
+    computes. A backward needs nothing from such a value, so when the block is recomputed
+    for its backward (inside `recomputing()`) the down GEMM is skipped.
+    """
     fused = _fused_projections(x, [gate_proj, up_proj, down_proj])
     if fused is None:
         return gated_mlp_reference(x, gate_proj, up_proj, down_proj, activation)
     from nanolora.kernels.lora_mlp import lora_mlp
     (gate, up, down), dtype = fused
-    return lora_mlp(x, gate, up, down, dtype, activation)
+    return lora_mlp(x, gate, up, down, dtype, activation, skip_output=output_only_added and _recomputing)
+
+
+# ----------------------------------------------------------------------------- checkpointing
+_recomputing = False
+
+
+@contextmanager
+def recomputing():
+    """Marks a checkpoint's recompute of a block (see gated_mlp's output_only_added)."""
+    global _recomputing
+    previous, _recomputing = _recomputing, True
+    try:
+        yield
+    finally:
+        _recomputing = previous
+
+
+def checkpoint_contexts():
+    """torch.utils.checkpoint's context_fn: nothing around the forward, `recomputing()`
+    around the recompute."""
+    return nullcontext(), recomputing()
 
 
 # ----------------------------------------------------------------------------- the loss

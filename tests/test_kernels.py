@@ -11,7 +11,7 @@ below 1e-5 (measured ~1e-7). In 16 bits the two paths round at different places 
 path adds the LoRA update inside the GEMM and runs the activation in fp32, the reference
 rounds after every step), so neither is "the" answer: both are compared with the fp32
 reference, and the fused path's error must be at most twice the 16-bit reference's own plus
-2e-3 of the output's scale (a few bf16 ulps).
+two units in the last place of the 16-bit type (of the output's largest value).
 """
 import math
 
@@ -83,7 +83,7 @@ def assert_close(fused, reference, truth, dtype, what):
     if dtype == torch.float32:
         assert rel_err(fused, reference) < 1e-5, what
     else:
-        allowed = 2 * rel_err(reference, truth) + 2e-3
+        allowed = 2 * rel_err(reference, truth) + 2 * torch.finfo(dtype).eps
         assert rel_err(fused, truth) <= allowed, f"{what}: {rel_err(fused, truth):.2e} > {allowed:.2e}"
 
 
@@ -231,7 +231,8 @@ def test_lora_cast_is_refreshed_after_an_optimizer_step():
     """The cached bf16/fp16 copies of A and s*B follow the fp32 masters' in-place updates."""
     dtype = torch.bfloat16 if CUDA else torch.float16
     layer = make_layer(64, 48, 8, dtype)
-    optimizer = torch.optim.AdamW([layer.lora_A, layer.lora_B], lr=0.1, fused=CUDA, foreach=not CUDA or None)
+    # the fused AdamW kernel updates in place without bumping version counters: the hard case
+    optimizer = torch.optim.AdamW([layer.lora_A, layer.lora_B], lr=0.1, fused=True)
     x = torch.randn(3, 64, device=DEVICE).to(dtype)
     for _ in range(3):
         out = ops.projection(x, layer)
@@ -338,3 +339,27 @@ def test_cross_entropy_matches_reference(dtype, shape):
     for f, r, t, what in zip(fused, reference, truth, ("loss", "d hidden")):
         assert_close(f, r, t, dtype, what)
     assert torch.count_nonzero(fused[1][0, : seq // 2 - 1]) == 0  # rows predicting no label
+
+
+def test_checkpoint_recompute_skips_the_down_projection(tmp_path, monkeypatch):
+    """With gradient checkpointing, each block's MLP runs gate, up and down in forward, and
+    only gate and up again when the block is recomputed for backward (early stop right after
+    the MLP's saved tensors): 5 projections per block per step, not 6. Gradients are checked
+    by test_training_step_with_kernels_equals_references."""
+    from hf_fixtures import save_checkpoint
+    from nanolora import load_model
+    from nanolora.kernels import lora_mlp as lora_mlp_module
+    from nanolora.lora import attach_lora
+    save_checkpoint(tmp_path, "llama")
+    model, _ = load_model(tmp_path, device=DEVICE, dtype=torch.float32)
+    attach_lora(model, "all", r=4, alpha=8)
+    model.grad_checkpointing = True
+    model.train()
+    calls = []
+    real = lora_mlp_module.project_with_input_lora
+    monkeypatch.setattr(lora_mlp_module, "project_with_input_lora", lambda *a: calls.append(1) or real(*a))
+    real_project = lora_mlp_module.project
+    monkeypatch.setattr(lora_mlp_module, "project", lambda *a: calls.append(1) or real_project(*a))
+    ids = torch.randint(0, 512, (1, 16), device=DEVICE)
+    model(ids, labels=ids).backward()
+    assert len(calls) == 5 * len(model.layers)
