@@ -44,7 +44,7 @@ DEFAULTS = dict(
     epochs=1,
     lr=1e-3, schedule="cosine", warmup_steps=4, weight_decay=0.0, max_grad_norm=1.0,
     seed=1337,
-    grad_checkpointing=False,
+    grad_checkpointing=False,   # false | true | offload (block inputs wait in CPU memory)
     eval_size=24,               # held-out examples (or a fraction, e.g. 0.05)
     eval_every=0,               # steps; 0 = only before and after training
     log_every=5, save_every=15,  # steps; save_every 0 = only the final adapter
@@ -61,6 +61,8 @@ def parse_settings(argv=None):
         kind = {bool: _bool, int: int, float: float}.get(type(default), str)
         if name == "eval_size":
             kind = _count_or_fraction
+        if name == "grad_checkpointing":
+            kind = _checkpointing
         parser.add_argument(f"--{name}", type=kind, default=default, choices=CHOICES.get(name),
                             metavar=type(default).__name__.upper() if name not in CHOICES else None,
                             help=f"default: {default}")
@@ -80,6 +82,10 @@ def _bool(text):
     if text.lower() in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _checkpointing(text):
+    return "offload" if text.lower() == "offload" else _bool(text)
 
 
 def _count_or_fraction(text):

@@ -24,11 +24,12 @@ parser.add_argument("--nf4", action="store_true")
 parser.add_argument("--batch", type=int, default=2)
 parser.add_argument("--seq", type=int, default=2048)
 parser.add_argument("--rows", type=int, default=25)
+parser.add_argument("--python", action="store_true", help="profile the Python (CPU) side with cProfile instead")
 args = parser.parse_args()
 
 model, _ = load_model(args.checkpoint, device="cuda", dtype=torch.bfloat16, load_in_4bit=args.nf4)
 attach_lora(model, "all", r=16, alpha=16)
-model.grad_checkpointing = True
+model.grad_checkpointing = "offload"
 model.train()
 optimizer = torch.optim.AdamW(lora_parameters(model), lr=2e-4, fused=True)
 autocast = torch.autocast("cuda", dtype=torch.bfloat16)
@@ -45,6 +46,15 @@ def step():
 for _ in range(3):
     step()
 torch.cuda.synchronize()
+if args.python:  # where the host's time goes: for small models the GPU waits on it
+    import cProfile
+    import pstats
+    with cProfile.Profile() as python_profile:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    pstats.Stats(python_profile).sort_stats("tottime").print_stats(args.rows)
+    sys.exit()
 with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
     for _ in range(3):
         step()

@@ -30,7 +30,7 @@ def nanolora_setup(path, args):
     options = {"load_in_4bit": True} if args.nf4 else {}
     model, _ = load_model(path, device="cuda", dtype=torch.bfloat16, **options)
     attach_lora(model, "all", r=16, alpha=16)
-    model.grad_checkpointing = True
+    model.grad_checkpointing = "offload" if args.checkpointing == "offload" else True
     model.train()
     optimizer = torch.optim.AdamW(lora_parameters(model), lr=2e-4, fused=True)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
@@ -91,6 +91,8 @@ def main():
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--nf4", action="store_true")
+    parser.add_argument("--checkpointing", choices=["true", "offload"], default="offload",
+                        help="nanolora's gradient checkpointing (Unsloth offloads, HF keeps inputs on the GPU)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--print_loss_every", type=int, default=0)

@@ -11,12 +11,14 @@ here. Family differences are ModelConfig fields:
 - tie_word_embeddings: the output head reuses the embedding matrix
 - rope_scaling (llama3, linear): folded into the RoPE inverse frequencies by ModelConfig
 """
+from functools import partial
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from nanolora import ops
+from nanolora import checkpointing, ops
 from nanolora.config import ModelConfig
 from nanolora.nf4 import NF4Weight
 
@@ -187,11 +189,14 @@ class Transformer(nn.Module):
                                     sliding_window=self.config.sliding_window)
         x = self.embed_tokens(input_ids)
         cos, sin = ops.rope_cos_sin(self.rope_inv_freq, position_ids, x.dtype)
+        checkpointed = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        offloader = checkpointing.offloader_for(self.grad_checkpointing, x.device) if checkpointed else None
         for i, block in enumerate(self.layers):
             layer_cache = None if kv_cache is None else kv_cache[i]
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            if checkpointed:  # keep only the block's input (on the GPU, or offloaded to CPU memory)
+                contexts = partial(checkpointing.checkpoint_contexts, offloader, i, x)
                 x = checkpoint(block, x, cos, sin, mask, layer_cache, cache_start, use_reentrant=False,
-                               context_fn=ops.checkpoint_contexts)
+                               context_fn=contexts)
             else:
                 x = block(x, cos, sin, mask, layer_cache, cache_start)
         return self.norm(x)

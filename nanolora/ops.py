@@ -11,7 +11,7 @@ and the case is one the kernel covers (e.g. LoRA dropout 0); otherwise the refer
 references everywhere.
 """
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -317,11 +317,6 @@ def recomputing():
     finally:
         _recomputing = previous
 
-
-def checkpoint_contexts():
-    """torch.utils.checkpoint's context_fn: nothing around the forward, `recomputing()`
-    around the recompute."""
-    return nullcontext(), recomputing()
 
 
 # ----------------------------------------------------------------------------- the loss
