@@ -11,9 +11,9 @@ below 1e-5 (measured ~1e-7). In 16 bits the two paths round at different places 
 path adds the LoRA update inside the GEMM and runs the activation in fp32, the reference
 rounds after every step), so neither is "the" answer: both are compared with the fp32
 reference, and the fused path's error must be at most twice the 16-bit reference's own plus
-three units in the last place of the 16-bit type (of the output's largest value). (With two,
-one fp16 NF4 case in ~200 failed once on the GPU at fused 2.9e-3 against a 16-bit reference
-that happened to land closer to the truth.)
+three units in the last place of the 16-bit type (of the output's largest value). (With two, one fp16 NF4
+MLP case of ~200 failed once on the GPU, on an unseeded input where the 16-bit reference
+happened to land close to the truth.)
 """
 import math
 
