@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from nanolora.kernels.lora_projections import (Projection, add_input_grad, dense_weight, gather_grads,
-                                               lora_parameters, project, project_backward,
+                                               lora_parameters, project_group, project_group_backward,
                                                project_with_input_lora)
 
 BLOCK = 1024  # elements per program: memory-bound, 4 warps x 32 threads x 8 elements
@@ -108,14 +108,15 @@ class LoRAMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gate: Projection, up: Projection, down: Projection, dtype, activation, skip_output,
-                *lora_params):
-        x2d = x.reshape(-1, x.shape[-1]).to(dtype)
-        e, xa_gate = project(x2d, gate, dtype)
-        g, xa_up = project(x2d, up, dtype)
+                gate_up_A_cat, *lora_params):
+        x2d = x.reshape(-1, x.shape[-1])
+        x2d = x2d if x2d.dtype == dtype else x2d.to(dtype)
+        (e, g), xa_gate_up = project_group(x2d, (gate, up), dtype, gate_up_A_cat)
         h = gated_activation(e, g, activation)
         xa_down = h @ down.lora_A_cast.T if down.lora_A is not None else None
         ctx.projections, ctx.activation, ctx.x_shape, ctx.x_dtype = (gate, up, down), activation, x.shape, x.dtype
-        ctx.save_for_backward(x2d, e, g, *[xa for xa in (xa_gate, xa_up, xa_down) if xa is not None])
+        ctx.gate_up_A_cat = gate_up_A_cat
+        ctx.save_for_backward(x2d, e, g, xa_gate_up, xa_down)
         if skip_output:  # a recompute whose output nobody reads: the graph is all it is for
             y = torch.empty(x2d.shape[0], down.weight.shape[0], device=x.device, dtype=dtype)
         else:
@@ -124,10 +125,10 @@ class LoRAMLP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, e, g, *saved_xas = ctx.saved_tensors
+        x2d, e, g, xa_gate_up, xa_down = ctx.saved_tensors
         gate, up, down = ctx.projections
-        xa_gate, xa_up, xa_down = (saved_xas.pop(0) if p.lora_A is not None else None for p in ctx.projections)
-        dy = dy.reshape(-1, dy.shape[-1]).to(x2d.dtype)
+        dy = dy.reshape(-1, dy.shape[-1])
+        dy = dy if dy.dtype == x2d.dtype else dy.to(x2d.dtype)
         # down: dh = dxa_d A_d + dy W_d; its dA_d = dxa_d^T h waits for the kernel to remake h
         grad_A_down = grad_B_down = dh = None
         if down.lora_A is not None:
@@ -140,16 +141,19 @@ class LoRAMLP(torch.autograd.Function):
             grad_A_down = (dxa_down.T @ h).to(down.lora_A.dtype)
         del h
         need_dx = ctx.needs_input_grad[0]
-        dx, grad_A_gate, grad_B_gate = project_backward(de, x2d, xa_gate, gate, None, need_dx)
-        dx, grad_A_up, grad_B_up = project_backward(dg, x2d, xa_up, up, dx, need_dx)
-        dx = dx.view(ctx.x_shape).to(ctx.x_dtype) if need_dx else None
-        grads = [(grad_A_gate, grad_B_gate), (grad_A_up, grad_B_up), (grad_A_down, grad_B_down)]
-        return (dx, None, None, None, None, None, None, *gather_grads(ctx.projections, grads))
+        dx, (grads_gate, grads_up) = project_group_backward((de, dg), x2d, xa_gate_up, (gate, up),
+                                                            ctx.gate_up_A_cat, need_dx)
+        if need_dx:
+            dx = dx.view(ctx.x_shape)
+            dx = dx if dx.dtype == ctx.x_dtype else dx.to(ctx.x_dtype)
+        grads = [grads_gate, grads_up, (grad_A_down, grad_B_down)]
+        return (dx, None, None, None, None, None, None, None, *gather_grads(ctx.projections, grads))
 
 
-def lora_mlp(x, gate, up, down, dtype, activation="silu", skip_output=False):
+def lora_mlp(x, gate, up, down, dtype, activation="silu", skip_output=False, gate_up_A_cat=None):
     """The gated MLP of x [..., hidden] in the compute dtype, differentiable in x and in every
-    LoRA A/B. Runs with autocast off: the dtypes are decided here.
+    LoRA A/B. gate_up_A_cat: gate's and up's A casts stacked (those with LoRA; ops.py caches it).
+    Runs with autocast off: the dtypes are decided here.
 
     skip_output=True leaves the output's values uncomputed (an uninitialised tensor that
     carries the graph): for a checkpoint recompute, which needs only what the backward saves.
@@ -157,5 +161,5 @@ def lora_mlp(x, gate, up, down, dtype, activation="silu", skip_output=False):
     if activation not in ("silu", "gelu_tanh"):
         raise ValueError(f"lora_mlp: activation {activation!r} is not supported (silu, gelu_tanh)")
     with torch.autocast(x.device.type, enabled=False):
-        return LoRAMLP.apply(x, gate, up, down, dtype, activation, skip_output,
+        return LoRAMLP.apply(x, gate, up, down, dtype, activation, skip_output, gate_up_A_cat,
                              *lora_parameters((gate, up, down)))

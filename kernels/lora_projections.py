@@ -53,20 +53,14 @@ def dense_weight(weight, dtype):
     return dequantize_nf4_triton(weight, dtype)
 
 
-def project(x, p: Projection, dtype):
-    """y = x W^T + b + (x A^T) B~^T for x [T, in]; returns (y, x A^T or None).
+def project_with_input_lora(x, xa, p: Projection, dtype):
+    """y = x W^T + b + xa B~^T for x [T, in], given xa = x A^T (None without LoRA).
 
     The thin update GEMM runs first and writes y; the big GEMM then adds x W^T into y with
     beta = 1, reading y in its epilogue, where a compute-bound GEMM has bandwidth to spare.
     (The other order, big GEMM first and then y.addmm_(xa, B~^T), makes the thin GEMM read
     and write all of y: a memory-bound pass as slow as a separate add.)
     """
-    xa = x @ p.lora_A_cast.T if p.lora_A is not None else None  # [T, r]
-    return project_with_input_lora(x, xa, p, dtype), xa
-
-
-def project_with_input_lora(x, xa, p: Projection, dtype):
-    """project()'s y, given xa = x A^T already computed (None without LoRA)."""
     w = dense_weight(p.weight, dtype)
     if xa is None:
         return x @ w.T if p.bias is None else torch.addmm(p.bias.to(dtype), x, w.T)
@@ -79,20 +73,57 @@ def add_input_grad(dx, dy, w):
     return dy @ w if dx is None else dx.addmm_(dy, w)
 
 
-def project_backward(dy, x, xa, p: Projection, dx, need_dx=True):
-    """Adds this projection's dL/dx into dx (allocated on first use; skipped when the input
-    needs no gradient, e.g. the first block's); returns (dx, dA, dB). As in forward, the thin
-    LoRA term goes into dx before the big GEMM, which then accumulates in its epilogue."""
-    grad_A = grad_B = None
-    if p.lora_A is not None:
-        dxa = dy @ p.scaled_B_cast  # [T, r]
+def project_group(x, projections, dtype, lora_A_cat):
+    """Every projection of the same x [T, in]: ([y_i], xa_cat). The LoRA projections' A's come
+    stacked (lora_A_cat [sum r, in], cast once per step by ops.py), so x is read by one thin
+    GEMM for all of them: xa_cat = x [A_1; A_2; ...]^T [T, sum r], whose column blocks are
+    each projection's x A_i^T."""
+    xa_cat = x @ lora_A_cat.T if lora_A_cat is not None else None
+    xas = _column_blocks(xa_cat, projections)
+    return [project_with_input_lora(x, xa, p, dtype) for p, xa in zip(projections, xas)], xa_cat
+
+
+def project_group_backward(dys, x, xa_cat, projections, lora_A_cat, need_dx):
+    """project_group's backward: (dL/dx or None, [(dA_i, dB_i)]). The LoRA terms of dx and of the
+    A gradients are one GEMM each over the stacked [T, sum r] dxa_cat; dx then accumulates every
+    projection's dy_i W_i inside the base GEMMs (beta = 1)."""
+    xas = _column_blocks(xa_cat, projections)
+    grads, dxas = [], []
+    for p, dy, xa in zip(projections, dys, xas):
+        if p.lora_A is None:
+            grads.append((None, None))
+            continue
+        dxas.append(dy @ p.scaled_B_cast)  # [T, r_i] = s_i dy_i B_i
+        grads.append([None, (dy.T @ xa).mul_(p.scale).to(p.lora_B.dtype)])
+    dx = None
+    if dxas:
+        dxa_cat = dxas[0] if len(dxas) == 1 else torch.cat(dxas, dim=1)
         if need_dx:
-            dx = add_input_grad(dx, dxa, p.lora_A_cast)
-        grad_A = (dxa.T @ x).to(p.lora_A.dtype)
-        grad_B = (dy.T @ xa).mul_(p.scale).to(p.lora_B.dtype)
+            dx = dxa_cat @ lora_A_cat
+        grad_A_cat = dxa_cat.T @ x  # [sum r, in]
+        rows = 0
+        for pair, p in zip(grads, projections):
+            if p.lora_A is not None:
+                r = p.lora_A.shape[0]
+                pair[0] = grad_A_cat[rows:rows + r].to(p.lora_A.dtype)
+                rows += r
     if need_dx:
-        dx = add_input_grad(dx, dy, dense_weight(p.weight, dy.dtype))
-    return dx, grad_A, grad_B
+        for p, dy in zip(projections, dys):
+            dx = add_input_grad(dx, dy, dense_weight(p.weight, dy.dtype))
+    return dx, [tuple(pair) for pair in grads]
+
+
+def _column_blocks(xa_cat, projections):
+    """xa_cat's column block of each LoRA projection (None for the others)."""
+    blocks, start = [], 0
+    for p in projections:
+        if p.lora_A is None:
+            blocks.append(None)
+        else:
+            r = p.lora_A.shape[0]
+            blocks.append(xa_cat[:, start:start + r])
+            start += r
+    return blocks
 
 
 def lora_parameters(projections):
@@ -109,33 +140,30 @@ class LoRAProjections(torch.autograd.Function):
     """(y_1, ..., y_n) = each projection of the same x; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, x, projections, dtype, *lora_params):
-        x2d = x.reshape(-1, x.shape[-1]).to(dtype)
-        outputs, xas = [], []
-        for p in projections:
-            y, xa = project(x2d, p, dtype)
-            outputs.append(y.view(*x.shape[:-1], -1))
-            xas.append(xa)
-        ctx.projections, ctx.x_shape, ctx.x_dtype = projections, x.shape, x.dtype
-        ctx.save_for_backward(x2d, *[xa for xa in xas if xa is not None])
-        return tuple(outputs)
+    def forward(ctx, x, projections, dtype, lora_A_cat, *lora_params):
+        x2d = x.reshape(-1, x.shape[-1])
+        x2d = x2d if x2d.dtype == dtype else x2d.to(dtype)
+        ys, xa_cat = project_group(x2d, projections, dtype, lora_A_cat)
+        ctx.projections, ctx.lora_A_cat, ctx.x_shape, ctx.x_dtype = projections, lora_A_cat, x.shape, x.dtype
+        ctx.save_for_backward(x2d, xa_cat)
+        return tuple(y.view(*x.shape[:-1], -1) for y in ys)
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        x2d, *saved_xas = ctx.saved_tensors
+        x2d, xa_cat = ctx.saved_tensors
         need_dx = ctx.needs_input_grad[0]
-        dx, grads = None, []
-        for p, dy in zip(ctx.projections, grad_outputs):
-            xa = saved_xas.pop(0) if p.lora_A is not None else None
-            dy = dy.reshape(-1, dy.shape[-1]).to(x2d.dtype)
-            dx, grad_A, grad_B = project_backward(dy, x2d, xa, p, dx, need_dx)
-            grads.append((grad_A, grad_B))
-        dx = dx.view(ctx.x_shape).to(ctx.x_dtype) if need_dx else None
-        return (dx, None, None, *gather_grads(ctx.projections, grads))
+        dys = [dy.reshape(-1, dy.shape[-1]) for dy in grad_outputs]
+        dys = [dy if dy.dtype == x2d.dtype else dy.to(x2d.dtype) for dy in dys]
+        dx, grads = project_group_backward(dys, x2d, xa_cat, ctx.projections, ctx.lora_A_cat, need_dx)
+        if need_dx:
+            dx = dx.view(ctx.x_shape)
+            dx = dx if dx.dtype == ctx.x_dtype else dx.to(ctx.x_dtype)
+        return (dx, None, None, None, *gather_grads(ctx.projections, grads))
 
 
-def lora_projections(x, projections, dtype):
+def lora_projections(x, projections, dtype, lora_A_cat):
     """Each projection applied to x [..., in], in the compute dtype; differentiable in x and in
-    every LoRA A/B. Runs with autocast off: the dtypes are decided here."""
+    every LoRA A/B. lora_A_cat: the LoRA projections' A casts stacked (ops.lora_A_stacked).
+    Runs with autocast off: the dtypes are decided here."""
     with torch.autocast(x.device.type, enabled=False):
-        return LoRAProjections.apply(x, projections, dtype, *lora_parameters(projections))
+        return LoRAProjections.apply(x, projections, dtype, lora_A_cat, *lora_parameters(projections))

@@ -213,12 +213,28 @@ def lora_weights_cast(layer, dtype):
 
 
 def _fused_projections(x, layers):
-    """Projection states for layers, all fusable, or None (then the reference runs)."""
+    """(Projection states, compute dtype) when every layer is fusable, else None (then the
+    reference runs)."""
     if not _fast(x):
         return None
     dtype = compute_dtype(x)
     states = [_fused_projection(layer, dtype) for layer in layers]
     return None if any(s is None for s in states) else (states, dtype)
+
+
+@torch.no_grad()
+def lora_A_stacked(layers, states):
+    """The A casts of those layers that have LoRA, stacked [sum r, in] (None if none has), so
+    that a fused op reads their shared input with one thin GEMM. Cached like the casts."""
+    with_lora = [(layer, state) for layer, state in zip(layers, states) if state.lora_A is not None]
+    if len(with_lora) <= 1:
+        return with_lora[0][1].lora_A_cast if with_lora else None
+    key = tuple(layer._lora_cast[0] for layer, _ in with_lora)
+    cached = getattr(with_lora[0][0], "_lora_A_stacked", None)
+    if cached is None or cached[0] != key:
+        cached = (key, torch.cat([state.lora_A_cast for _, state in with_lora]))
+        with_lora[0][0]._lora_A_stacked = cached
+    return cached[1]
 
 
 def projection(x, layer):
@@ -227,7 +243,8 @@ def projection(x, layer):
     if fused is None:
         return projection_reference(x, layer)
     from nanolora.kernels.lora_projections import lora_projections
-    return lora_projections(x, *fused)[0]
+    states, dtype = fused
+    return lora_projections(x, states, dtype, lora_A_stacked([layer], states))[0]
 
 
 # ----------------------------------------------------------------------------- attention
@@ -253,8 +270,10 @@ def qkv_rope(x, q_proj, k_proj, v_proj, cos, sin, head_dim, q_norm=None, k_norm=
     if fused is None:
         return qkv_rope_reference(x, q_proj, k_proj, v_proj, cos, sin, head_dim, q_norm, k_norm)
     from nanolora.kernels.lora_projections import lora_projections
+    states, dtype = fused
+    lora_A = lora_A_stacked([q_proj, k_proj, v_proj], states)
     batch, seq, _ = x.shape
-    q, k, v = (t.view(batch, seq, -1, head_dim) for t in lora_projections(x, *fused))
+    q, k, v = (t.view(batch, seq, -1, head_dim) for t in lora_projections(x, states, dtype, lora_A))
     if q_norm is not None:
         q, k = rms_norm(q, q_norm.weight, q_norm.eps), rms_norm(k, k_norm.weight, k_norm.eps)
     q, k = rope_qk(q, k, cos, sin)
@@ -300,7 +319,8 @@ def gated_mlp(x, gate_proj, up_proj, down_proj, activation="silu", output_only_a
         return gated_mlp_reference(x, gate_proj, up_proj, down_proj, activation)
     from nanolora.kernels.lora_mlp import lora_mlp
     (gate, up, down), dtype = fused
-    return lora_mlp(x, gate, up, down, dtype, activation, skip_output=output_only_added and _recomputing)
+    return lora_mlp(x, gate, up, down, dtype, activation, skip_output=output_only_added and _recomputing,
+                    gate_up_A_cat=lora_A_stacked([gate_proj, up_proj], [gate, up]))
 
 
 # ----------------------------------------------------------------------------- checkpointing

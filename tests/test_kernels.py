@@ -147,7 +147,8 @@ def test_qkv_projections_match_reference(dtype, shape, nf4, ranks):
         fast = ops._fused_projections(x, ls)
         assert fast is not None
         from nanolora.kernels.lora_projections import lora_projections
-        return lora_projections(x, *fast)
+        states, dtype = fast
+        return lora_projections(x, states, dtype, ops.lora_A_stacked(ls, states))
 
     def reference(x, ls=layers):
         return tuple(ops.projection_reference(x, layer) for layer in ls)
@@ -344,10 +345,9 @@ def test_cross_entropy_matches_reference(dtype, shape):
 
 
 def test_checkpoint_recompute_skips_the_down_projection(tmp_path, monkeypatch):
-    """With gradient checkpointing, each block's MLP runs gate, up and down in forward, and
-    only gate and up again when the block is recomputed for backward (early stop right after
-    the MLP's saved tensors): 5 projections per block per step, not 6. Gradients are checked
-    by test_training_step_with_kernels_equals_references."""
+    """With gradient checkpointing, each block's MLP runs twice (forward, recompute) but its down
+    projection once: the recompute skips it. Gradients are checked by
+    test_training_step_with_kernels_equals_references."""
     from hf_fixtures import save_checkpoint
     from nanolora import load_model
     from nanolora.kernels import lora_mlp as lora_mlp_module
@@ -357,11 +357,12 @@ def test_checkpoint_recompute_skips_the_down_projection(tmp_path, monkeypatch):
     attach_lora(model, "all", r=4, alpha=8)
     model.grad_checkpointing = True
     model.train()
-    calls = []
-    real = lora_mlp_module.project_with_input_lora
-    monkeypatch.setattr(lora_mlp_module, "project_with_input_lora", lambda *a: calls.append(1) or real(*a))
-    real_project = lora_mlp_module.project
-    monkeypatch.setattr(lora_mlp_module, "project", lambda *a: calls.append(1) or real_project(*a))
+    down_calls, mlp_calls = [], []
+    real_down = lora_mlp_module.project_with_input_lora
+    monkeypatch.setattr(lora_mlp_module, "project_with_input_lora", lambda *a: down_calls.append(1) or real_down(*a))
+    real_activation = lora_mlp_module.gated_activation
+    monkeypatch.setattr(lora_mlp_module, "gated_activation", lambda *a: mlp_calls.append(1) or real_activation(*a))
     ids = torch.randint(0, 512, (1, 16), device=DEVICE)
     model(ids, labels=ids).backward()
-    assert len(calls) == 5 * len(model.layers)
+    assert len(mlp_calls) == 2 * len(model.layers)  # forward and recompute
+    assert len(down_calls) == len(model.layers)  # forward only
