@@ -44,7 +44,7 @@ DEFAULTS = dict(
     epochs=1,
     lr=1e-3, schedule="cosine", warmup_steps=4, weight_decay=0.0, max_grad_norm=1.0,
     seed=1337,
-    grad_checkpointing=False,   # false | true | offload (block inputs wait in CPU memory)
+    grad_checkpointing="auto",  # false | true | offload (block inputs wait in CPU memory) | auto: offload on a GPU
     eval_size=24,               # held-out examples (or a fraction, e.g. 0.05)
     eval_every=0,               # steps; 0 = only before and after training
     log_every=5, save_every=15,  # steps; save_every 0 = only the final adapter
@@ -85,7 +85,7 @@ def _bool(text):
 
 
 def _checkpointing(text):
-    return "offload" if text.lower() == "offload" else _bool(text)
+    return text.lower() if text.lower() in ("offload", "auto") else _bool(text)
 
 
 def _count_or_fraction(text):
@@ -261,7 +261,10 @@ def main(argv=None):
     t0 = time.time()
     model, tokenizer = load_model(resolve_model(s.model), device=device, dtype=amp_dtype, load_in_4bit=s.load_in_4bit)
     attach_lora(model, s.targets, r=s.r, alpha=s.alpha, dropout=s.dropout, rslora=s.rslora)
-    model.grad_checkpointing = s.grad_checkpointing
+    # auto: on a GPU memory decides what fits, and offloading costs no speed (README); a CPU has
+    # memory to spare, so recomputing would only slow it down
+    auto = "offload" if device.type == "cuda" else False
+    model.grad_checkpointing = auto if s.grad_checkpointing == "auto" else s.grad_checkpointing
     print(f"loaded {s.model} in {time.time() - t0:.1f}s on {device}; LoRA r={s.r} alpha={s.alpha} "
           f"on {','.join(model.lora_config['targets'])}: {summary(model)}")
 

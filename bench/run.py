@@ -5,7 +5,8 @@
 
 A config is model:weights:batchxseq (model 8b = Llama-3-8B shapes, 1b = Llama-3.2-1B shapes).
 System `nanolora-ref` is nanolora with NANOLORA_KERNELS=0 (the torch references, no fused
-kernels), so one table shows what the kernels buy. HF is skipped from 32k tokens on (it needs
+kernels), so one table shows what the kernels buy; `nanolora-keep` keeps the checkpointed block
+inputs on the GPU instead of offloading them (what offloading costs in speed, saves in memory). HF is skipped from 32k tokens on (it needs
 ~61 GiB and minutes per step there; PEERS.md has its number).
 
 For each (weights, batch x seq) config, each system runs in its own process
@@ -24,6 +25,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 NAMES = {"nanolora": "nanolora", "nanolora-ref": "nanolora, NANOLORA_KERNELS=0",
+         "nanolora-keep": "nanolora, inputs kept on GPU (--grad_checkpointing true)",
          "hf": "HF transformers + PEFT (+ bnb)", "unsloth": "Unsloth"}
 CHECKPOINTS = {"8b": ("/tmp/llama8b", "llama3-8b"), "1b": ("/tmp/llama1b", "llama3.2-1b")}
 DEFAULT_CONFIGS = "8b:nf4:2x2048,8b:bf16:2x2048,8b:nf4:1x8192,1b:nf4:4x2048,8b:nf4:1x32768"
@@ -34,10 +36,11 @@ def main():
     parser.add_argument("--configs", default=DEFAULT_CONFIGS)
     parser.add_argument("--systems", default="nanolora,nanolora-ref,hf,unsloth")
     parser.add_argument("--jsonl", default=None, help="also append every result here")
+    parser.add_argument("--table", nargs="+", metavar="JSONL", help="only print the table of results saved by --jsonl")
     args = parser.parse_args()
 
-    results = []
-    for config in args.configs.split(","):
+    results = [json.loads(line) for path in args.table or [] for line in open(path) if line.strip()]
+    for config in [] if args.table else args.configs.split(","):
         model, weights, shape = config.split(":")
         batch, seq = shape.split("x")
         checkpoint, model_shape = CHECKPOINTS[model]
@@ -46,13 +49,11 @@ def main():
         for system in args.systems.split(","):
             if system == "hf" and int(batch) * int(seq) >= 32768:
                 continue
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            if system == "nanolora-ref":
-                system, env["NANOLORA_KERNELS"] = "nanolora", "0"
-            cmd = [sys.executable, HERE / "step_time.py", system, checkpoint, "--batch", batch, "--seq", seq]
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", "NANOLORA_KERNELS": "0" if system == "nanolora-ref" else "1"}
+            cmd = [sys.executable, HERE / "step_time.py", system.split("-")[0], checkpoint, "--batch", batch, "--seq", seq]
             cmd += ["--nf4"] if weights == "nf4" else []
+            cmd += ["--checkpointing", "true"] if system == "nanolora-keep" else []
             run = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            system = "nanolora-ref" if env.get("NANOLORA_KERNELS") == "0" else system
             lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
             if run.returncode or not lines:
                 error = (run.stderr.strip().splitlines() or ["no output"])[-1]
@@ -65,7 +66,7 @@ def main():
                   file=sys.stderr, flush=True)
             if args.jsonl:
                 with open(args.jsonl, "a") as f:
-                    f.write(lines[-1] + "\n")
+                    f.write(json.dumps(results[-1]) + "\n")
 
     print("\n| system | model | base weights | batch x seq | tokens/s | peak GiB | speed vs HF | speed vs Unsloth | memory vs HF | memory vs Unsloth |")
     print("|---|---|---|---|---|---|---|---|---|---|")
