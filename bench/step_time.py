@@ -12,6 +12,7 @@ each system in its own process, so that peak memory is its own.
 """
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -91,7 +92,8 @@ def main():
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--nf4", action="store_true")
-    parser.add_argument("--checkpointing", choices=["true", "offload"], default="offload",
+    parser.add_argument("--checkpointing", choices=["true", "offload"],
+                        default=os.environ.get("NANOLORA_BENCH_CHECKPOINTING", "offload"),
                         help="nanolora's gradient checkpointing (Unsloth offloads, HF keeps inputs on the GPU)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)

@@ -3,81 +3,92 @@
 With checkpointing, a block keeps nothing for its backward but its input: the backward
 recomputes the block from it (torch.utils.checkpoint, non-reentrant). Those inputs are what
 is left of the activations, [batch, seq, hidden] per block: 1 GiB for a 32-block 8B model at
-2 x 2048 tokens, 8 GiB at 1 x 32768. `offload` moves each one to pinned CPU memory once its
-block's forward is done and brings it back just before that block is recomputed:
+2 x 2048 tokens, 8 GiB at 1 x 32768. `offload` moves each one to pinned CPU memory while the
+step runs forward and brings it back just before its block is recomputed.
 
-- after block i's forward: a side stream waits for the compute stream, copies x_i to pinned
-  host memory, and x_i's GPU storage is released (record_stream keeps the allocator from
-  reusing it until the copy is done). The tensor object stays, only its bytes leave, so the
-  recompute closure that holds x_i needs no change.
-- when block i's recompute starts (in backward): x_i's storage was already reallocated and
-  filled on the side stream (prefetched when block i+1's recompute started); the compute
-  stream waits for that copy's event, and block i-1's input starts coming back, overlapped
-  with block i's recompute and backward.
+How: torch.utils.checkpoint keeps a block's inputs as saved tensors, so they pass through the
+saved-tensor hooks active around the checkpoint call (inside the block, checkpoint's own hooks
+take over). Around each block's call we install hooks that
+
+- pack: for the block's input only (cos/sin and the mask are shared by all blocks and stay),
+  start a copy to pinned host memory on a side stream that first waits for the compute
+  stream, and keep no reference to the GPU tensor: once the forward moves on, its memory is
+  free (record_stream keeps the allocator from reusing it before the copy is done);
+- unpack (when the block is recomputed, in backward): wait on the device for this input's
+  copy back, and start copying the previous block's input back on the side stream, so it
+  arrives while this block is recomputed and differentiated.
 
 No host-device synchronisation anywhere: the streams wait on each other on the device. On a
 CPU there is nothing to offload to; `offload` then keeps the inputs where they are.
 """
-from contextlib import contextmanager, nullcontext
-
 import torch
-
-from nanolora import ops
+from torch.autograd.graph import saved_tensors_hooks
 
 MODES = (False, True, "offload")
 
 
+class _OffloadedInput:
+    """One block input: in pinned host memory, or on its way back to the GPU."""
+
+    def __init__(self, tensor, stream):
+        self.stream, self.device = stream, tensor.device
+        self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        stream.wait_stream(torch.cuda.current_stream(tensor.device))
+        with torch.cuda.stream(stream):
+            self.host.copy_(tensor.detach(), non_blocking=True)
+        tensor.record_stream(stream)
+        self.gpu = self.ready = None
+
+    def prefetch(self):
+        """Start the copy back on the side stream (once)."""
+        if self.gpu is not None or self.host is None:
+            return
+        # the memory it lands in may have been freed by kernels still queued on the compute stream
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            self.gpu = self.host.to(self.device, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record(self.stream)
+
+    def fetch(self):
+        """The tensor on the GPU, usable on the compute stream. It stays referenced here until
+        autograd drops the saved tensor that holds this object, after the block's backward."""
+        if self.host is None:
+            return self.gpu
+        self.prefetch()
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(self.ready)
+        self.gpu.record_stream(compute)  # allocated on the side stream, used and freed on this one
+        self.host = None
+        return self.gpu
+
+
 class BlockInputOffloader:
-    """The offloaded inputs of one forward pass's checkpointed blocks, by block index."""
+    """The offloaded inputs of one forward pass's checkpointed blocks, in forward order."""
 
     def __init__(self, device):
         self.stream = torch.cuda.Stream(device)
-        self.on_host = {}  # block index -> (GPU tensor with its storage released, pinned copy)
-        self.ready = {}  # block index -> event: the tensor's bytes are back on the GPU
+        self.inputs = []
 
-    @contextmanager
-    def offload_after_forward(self, index, x):
-        yield
-        compute = torch.cuda.current_stream(x.device)
-        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-        self.stream.wait_stream(compute)
-        with torch.cuda.stream(self.stream):
-            host.copy_(x, non_blocking=True)
-        x.record_stream(self.stream)
-        x.untyped_storage().resize_(0)
-        self.on_host[index] = (x, host)
+    def hooks(self, block_input):
+        """Saved-tensor hooks for the checkpoint call of the block whose input is block_input."""
+        def pack(tensor):
+            if tensor.data_ptr() != block_input.data_ptr() or tensor.shape != block_input.shape:
+                return tensor
+            offloaded = _OffloadedInput(tensor, self.stream)
+            self.inputs.append(offloaded)
+            return offloaded
 
-    def prefetch(self, index):
-        """Start bringing block `index`'s input back on the side stream (once)."""
-        if index not in self.on_host:
-            return
-        x, host = self.on_host.pop(index)
-        compute = torch.cuda.current_stream(x.device)
-        x.untyped_storage().resize_(host.numel() * host.element_size())  # allocated for the compute stream
-        self.stream.wait_stream(compute)  # the reused memory may still be read by queued kernels
-        with torch.cuda.stream(self.stream), torch.no_grad():
-            x.detach().copy_(host, non_blocking=True)  # detached: no autograd record of the refill
-            self.ready[index] = torch.cuda.Event()
-            self.ready[index].record(self.stream)
-        x.record_stream(self.stream)
+        def unpack(packed):
+            if not isinstance(packed, _OffloadedInput):
+                return packed
+            index = self.inputs.index(packed)
+            tensor = packed.fetch()
+            if index > 0:  # backward runs the blocks in reverse: the previous one is next
+                self.inputs[index - 1].prefetch()
+            return tensor
 
-    @contextmanager
-    def restore_before_recompute(self, index, x):
-        self.prefetch(index)
-        event = self.ready.pop(index, None)
-        if event is not None:
-            torch.cuda.current_stream(x.device).wait_event(event)
-        self.prefetch(index - 1)
-        with ops.recomputing():
-            yield
-
-
-def checkpoint_contexts(offloader, index, x):
-    """torch.utils.checkpoint's context_fn for block `index` with input x: what runs around
-    its forward and around its recompute."""
-    if offloader is None:
-        return nullcontext(), ops.recomputing()
-    return offloader.offload_after_forward(index, x), offloader.restore_before_recompute(index, x)
+        return saved_tensors_hooks(pack, unpack)
 
 
 def offloader_for(mode, device):

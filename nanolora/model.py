@@ -11,7 +11,7 @@ here. Family differences are ModelConfig fields:
 - tie_word_embeddings: the output head reuses the embedding matrix
 - rope_scaling (llama3, linear): folded into the RoPE inverse frequencies by ModelConfig
 """
-from functools import partial
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -194,9 +194,9 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.layers):
             layer_cache = None if kv_cache is None else kv_cache[i]
             if checkpointed:  # keep only the block's input (on the GPU, or offloaded to CPU memory)
-                contexts = partial(checkpointing.checkpoint_contexts, offloader, i, x)
-                x = checkpoint(block, x, cos, sin, mask, layer_cache, cache_start, use_reentrant=False,
-                               context_fn=contexts)
+                with offloader.hooks(x) if offloader else nullcontext():
+                    x = checkpoint(block, x, cos, sin, mask, layer_cache, cache_start, use_reentrant=False,
+                                   context_fn=ops.checkpoint_contexts)
             else:
                 x = block(x, cos, sin, mask, layer_cache, cache_start)
         return self.norm(x)

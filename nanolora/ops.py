@@ -11,7 +11,7 @@ and the case is one the kernel covers (e.g. LoRA dropout 0); otherwise the refer
 references everywhere.
 """
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -336,6 +336,12 @@ def recomputing():
         yield
     finally:
         _recomputing = previous
+
+
+def checkpoint_contexts():
+    """torch.utils.checkpoint's context_fn: nothing around a block's forward, `recomputing()`
+    around its recompute."""
+    return nullcontext(), recomputing()
 
 
 
