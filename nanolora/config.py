@@ -5,7 +5,6 @@ Llama, Mistral, Qwen2 and Qwen3 are the same decoder; they differ only in the fi
 architecture adds its fields here and their use in model.py.
 """
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,29 +122,3 @@ class ModelConfig:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         return cls.from_hf(hf, source=str(path))
-
-    def rope_inv_freq(self):
-        """Per-pair inverse frequencies [head_dim/2] (fp32), with rope scaling applied.
-
-        llama3 scaling (transformers' `_compute_llama3_parameters`): wavelengths longer than
-        orig/low_freq_factor are slowed down by `factor`, shorter than orig/high_freq_factor
-        are kept, and those in between are interpolated linearly in 1/wavelength.
-        """
-        import torch
-        inv_freq = 1.0 / (self.rope_theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64)
-                                              .float() / self.head_dim))
-        scaling = self.rope_scaling or {}
-        if scaling.get("rope_type") == "linear":
-            inv_freq = inv_freq / scaling["factor"]
-        elif scaling.get("rope_type") == "llama3":
-            factor = scaling["factor"]
-            low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-            orig = scaling["original_max_position_embeddings"]
-            low_freq_wavelen, high_freq_wavelen = orig / low, orig / high
-            wavelen = 2 * math.pi / inv_freq
-            scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-            smooth = (orig / wavelen - low) / (high - low)
-            smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-            is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-            inv_freq = torch.where(is_medium, smoothed, scaled)
-        return inv_freq

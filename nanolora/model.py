@@ -9,7 +9,7 @@ here. Family differences are ModelConfig fields:
 - qk_norm (Qwen3): RMSNorm over head_dim on every query and key head, before RoPE
 - sliding_window (Mistral): a query sees at most the last `sliding_window` keys, itself included
 - tie_word_embeddings: the output head reuses the embedding matrix
-- rope_scaling (llama3, linear): folded into the RoPE inverse frequencies by ModelConfig
+- rope_scaling (llama3, linear): folded into the RoPE inverse frequencies (ops.rope_inv_freq)
 """
 from functools import partial
 
@@ -163,8 +163,15 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.register_buffer("rope_inv_freq", cfg.rope_inv_freq(), persistent=False)
         self.grad_checkpointing = False
+        self.compute_rope()
+
+    def compute_rope(self, device=None):
+        """(Re)compute the RoPE frequency buffers, e.g. on `device` after building on "meta"
+        (buffers are not in the checkpoint, so loading does not fill them)."""
+        cfg = self.config
+        inv_freq = ops.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.register_buffer("rope_inv_freq", inv_freq.to(device), persistent=False)
 
     @property
     def head_weight(self):

@@ -10,6 +10,7 @@ and the case is one the kernel covers (e.g. LoRA dropout 0); otherwise the refer
 `NANOLORA_KERNELS=0` in the environment, or `ops.use_kernels(False)` from Python, forces the
 references everywhere.
 """
+import math
 import os
 from contextlib import contextmanager
 
@@ -61,6 +62,32 @@ def rms_norm(x, weight, eps):
 
 
 # ----------------------------------------------------------------------------- RoPE
+def rope_inv_freq(head_dim, theta, scaling=None):
+    """Per-pair inverse frequencies [head_dim/2] (fp32): theta^(-2i/head_dim), with HF's
+    `rope_scaling` applied (None, {"rope_type": "linear", "factor"} or "llama3").
+
+    llama3 scaling (transformers' `_compute_llama3_parameters`): wavelengths longer than
+    orig/low_freq_factor are slowed down by `factor`, shorter than orig/high_freq_factor
+    are kept, and those in between are interpolated linearly in 1/wavelength.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    scaling = scaling or {}
+    if scaling.get("rope_type") == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif scaling.get("rope_type") == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        orig = scaling["original_max_position_embeddings"]
+        low_freq_wavelen, high_freq_wavelen = orig / low, orig / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (orig / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
 def rope_cos_sin(inv_freq, position_ids, dtype):
     """cos and sin [batch, seq, head_dim] for positions [batch, seq], computed in fp32.
 
