@@ -1,4 +1,5 @@
-"""ModelConfig: one dataclass for every supported family, read from HF `config.json`.
+"""ModelConfig: one dataclass for every supported family, read from HF `config.json`; and
+LoRAConfig, what LoRA adds to a model (and what a PEFT adapter_config.json records).
 
 Llama, Mistral, Qwen2 and Qwen3 are the same decoder; they differ only in the fields below
 (q/k/v bias, per-head q/k RMSNorm, sliding window, tied head, rope scaling). A fork for a new
@@ -122,3 +123,21 @@ class ModelConfig:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         return cls.from_hf(hf, source=str(path))
+
+
+@dataclass
+class LoRAConfig:
+    """The LoRA on a model: which projections (full leaf names, e.g. ["q_proj", "v_proj"]),
+    rank r, alpha (scale = alpha / r, or alpha / sqrt(r) with rsLoRA) and dropout on the
+    LoRA input. lora.attach_lora builds one; peft.py writes and reads it as adapter_config.json."""
+    targets: list[str]
+    r: int = 16
+    alpha: float = 16
+    dropout: float = 0.0
+    rslora: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"LoRA rank r must be an integer >= 1, got {self.r!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")

@@ -156,6 +156,10 @@ def build_attention_mask(batch, q_len, kv_len, device, *, q_start=0, key_padding
 
 
 class Transformer(nn.Module):
+    # The frozen projections (model.Linear) by leaf name, in the order LoRA targets are
+    # listed: what `--targets all` means. A fork that adds a projection adds its name here.
+    projection_names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
