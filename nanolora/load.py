@@ -31,7 +31,7 @@ NF4_BLOCKSIZE = 64  # QLoRA's, and every *-bnb-4bit checkpoint's
 
 def load_model(name_or_path, device=None, dtype=None, *, adapter=None, load_in_4bit=False,
                skip_modules=None, **options):
-    """Load a Llama / Mistral / Qwen2 / Qwen3 checkpoint.
+    """Load a Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 checkpoint.
 
     name_or_path: an HF checkpoint folder, a hub repo id ("org/name"), or a .gguf file.
     device: default "cuda" when available, else "cpu". dtype: default bf16 on GPU, fp32 on CPU.
