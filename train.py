@@ -266,7 +266,7 @@ def main(argv=None):
     auto = "offload" if device.type == "cuda" else False
     model.grad_checkpointing = auto if s.grad_checkpointing == "auto" else s.grad_checkpointing
     print(f"loaded {s.model} in {time.time() - t0:.1f}s on {device}; LoRA r={s.r} alpha={s.alpha} "
-          f"on {','.join(model.lora_config['targets'])}: {summary(model)}")
+          f"on {','.join(model.lora_config.targets)}: {summary(model)}")
 
     # --- data
     examples, stats = load_examples(s.data, tokenizer, s.seq_len, s.train_on_prompt)

@@ -24,6 +24,8 @@ from nanolora.files import atomic_path
 from nanolora.lora import LoRALinear
 from nanolora.model import Transformer, hf_key
 
+# The architecture a config.json without `architectures` (e.g. one read from a GGUF file) is
+# written with; a config.json that names its architecture keeps it.
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                     "qwen3": "Qwen3ForCausalLM"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -101,6 +103,10 @@ def save_merged(model, tokenizer, folder, dtype=torch.bfloat16, shard_size=5 * 1
     """
     config = model.config
     expected = expected_weights(config)
+    architectures = config.hf_config.get("architectures") or [HF_ARCHITECTURES.get(config.model_type)]
+    if architectures == [None]:
+        raise ValueError(f"merged export: the base config has no 'architectures' and model_type "
+                         f"{config.model_type!r} has no default (known: {', '.join(HF_ARCHITECTURES)})")
     with atomic_path(folder) as tmp:
         tmp.mkdir(parents=True)
         shards, shard, shard_bytes, total_size, done = [], {}, 0, 0, 0
@@ -131,7 +137,7 @@ def save_merged(model, tokenizer, folder, dtype=torch.bfloat16, shard_size=5 * 1
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
         hf_config = {k: v for k, v in config.hf_config.items() if k != "quantization_config"}
-        hf_config.setdefault("architectures", [HF_ARCHITECTURES[config.model_type]])
+        hf_config["architectures"] = architectures
         hf_config["dtype"] = DTYPE_NAMES[dtype]
         if "torch_dtype" in hf_config:
             hf_config["torch_dtype"] = DTYPE_NAMES[dtype]

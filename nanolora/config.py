@@ -1,15 +1,17 @@
-"""ModelConfig: one dataclass for every supported family, read from HF `config.json`.
+"""ModelConfig: one dataclass for every supported family, read from HF `config.json`; and
+LoRAConfig, what LoRA adds to a model (and what a PEFT adapter_config.json records).
 
-Llama, Mistral, Qwen2 and Qwen3 are the same decoder; they differ only in the fields below
-(q/k/v bias, per-head q/k RMSNorm, sliding window, tied head, rope scaling). A fork for a new
-architecture adds its fields here and their use in model.py.
+Llama, Mistral, Qwen2, Qwen3, Gemma 2 and Gemma 3 are the same decoder; they differ only in
+the fields below (q/k/v bias, per-head q/k RMSNorm, sliding window, tied head, rope scaling,
+and Gemma's norms, scaled embeddings, soft-capping and per-layer attention kinds). A fork for
+a new architecture adds its fields here and their use in model.py.
 """
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+GEMMA = ("gemma2", "gemma3_text")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -32,6 +34,17 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on each query and key head
     sliding_window: int | None = None  # Mistral: a token sees at most this many (itself included)
     tie_word_embeddings: bool = False
+    # --- Gemma 2 / 3
+    hidden_act: str = "silu"  # the MLP's gate activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    norm_plus_one: bool = False  # RMSNorm weights are stored as w - 1: norms multiply by (1 + w)
+    scale_embeddings: bool = False  # embeddings times sqrt(hidden_size), rounded to the model dtype
+    sandwich_norms: bool = False  # also a norm after attention and after the MLP, before the residual add
+    query_pre_attn_scalar: float | None = None  # scores scaled by this ** -0.5 instead of head_dim ** -0.5
+    attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap) before softmax
+    final_logit_softcapping: float | None = None  # logits -> cap * tanh(logits / cap)
+    layer_types: list[str] | None = None  # per layer "sliding_attention" | "full_attention"; None: all
+    # the same (sliding when sliding_window is set)
+    rope_local_theta: float | None = None  # Gemma 3: sliding layers' RoPE base (no scaling); None: rope_theta
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -48,6 +61,9 @@ class ModelConfig:
                     "num_attention_heads"):
             if not isinstance(hf.get(key), int):
                 raise ValueError(f"{source}: {key} must be an integer, got {hf.get(key)!r}")
+        gemma = model_type in GEMMA
+        if model_type == "gemma3_text" and hf.get("use_bidirectional_attention"):
+            raise ValueError(f"{source}: use_bidirectional_attention=true is not supported (supported: false)")
         n_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
         n_kv_heads = hf.get("num_key_value_heads") or n_heads
@@ -55,12 +71,25 @@ class ModelConfig:
             raise ValueError(f"{source}: num_attention_heads ({n_heads}) must be a multiple of "
                              f"num_key_value_heads ({n_kv_heads})")
 
-        # transformers >= 5 moves rope_theta / rope_scaling into `rope_parameters`.
+        # transformers >= 5 moves rope_theta / rope_scaling into `rope_parameters`, per layer
+        # type for Gemma 3 ({"full_attention": {...}, "sliding_attention": {...}}); before it,
+        # Gemma 3 had rope_theta for global layers and rope_local_base_freq for sliding ones.
         rope_params = dict(hf.get("rope_parameters") or {})
+        local_params = {}
+        if "full_attention" in rope_params:
+            local_params = dict(rope_params.get("sliding_attention") or {})
+            rope_params = dict(rope_params["full_attention"] or {})
+        if local_params.get("rope_type", "default") != "default":
+            raise ValueError(f"{source}: rope_parameters.sliding_attention rope_type "
+                             f"{local_params['rope_type']!r} is not supported (supported: default)")
         rope_scaling = hf.get("rope_scaling") or None
         if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
             rope_scaling = rope_params
-        rope_theta = hf.get("rope_theta") or rope_params.get("rope_theta") or 10000.0
+        default_theta = 1_000_000.0 if model_type == "gemma3_text" else 10000.0
+        rope_theta = hf.get("rope_theta") or rope_params.get("rope_theta") or default_theta
+        rope_local_theta = None
+        if model_type == "gemma3_text":
+            rope_local_theta = float(local_params.get("rope_theta") or hf.get("rope_local_base_freq") or 10000.0)
         if rope_scaling is not None:
             rope_scaling = dict(rope_scaling)
             rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
@@ -83,11 +112,30 @@ class ModelConfig:
                 raise ValueError(f"{source}: use_sliding_window=true is not supported for "
                                  f"{model_type} (supported: false)")
             sliding_window = None
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported "
-                             f"(supported: silu)")
+        # Gemma names it hidden_activation (older configs: hidden_act); its GeGLU is tanh-approximated
+        act_key = "hidden_activation" if "hidden_activation" in hf else "hidden_act"
+        act = hf.get(act_key) or ("gelu_pytorch_tanh" if gemma else "silu")
+        hidden_act = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}.get(act)
+        if hidden_act is None:
+            raise ValueError(f"{source}: {act_key} {act!r} is not supported (supported: silu, gelu_pytorch_tanh)")
         if hf.get("mlp_bias"):
             raise ValueError(f"{source}: mlp_bias=true is not supported (supported: false)")
+
+        layer_types = None
+        if gemma:  # HF's defaults: Gemma 2 alternates sliding/full; Gemma 3 has one full layer in 6
+            sliding_window = hf.get("sliding_window", 4096)
+            pattern = 2 if model_type == "gemma2" else hf.get("sliding_window_pattern", 6)
+            layer_types = hf.get("layer_types") or [
+                "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(hf["num_hidden_layers"])]
+            if len(layer_types) != hf["num_hidden_layers"] or \
+                    not set(layer_types) <= {"sliding_attention", "full_attention"}:
+                raise ValueError(f"{source}: layer_types must list 'sliding_attention' or 'full_attention' "
+                                 f"for each of the {hf['num_hidden_layers']} layers, got {layer_types!r}")
+            if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
+                raise ValueError(f"{source}: sliding_window must be a positive integer, got {sliding_window!r}")
+
+        def gemma_value(key, default):  # HF's default where config.json leaves the key out
+            return hf.get(key, default) if gemma else None
 
         return cls(
             model_type=model_type,
@@ -103,10 +151,23 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             attention_bias=model_type == "qwen2" or bool(hf.get("attention_bias")),
-            o_bias=model_type in ("llama", "qwen3") and bool(hf.get("attention_bias")),
-            qk_norm=model_type == "qwen3",
+            o_bias=model_type in ("llama", "qwen3", *GEMMA) and bool(hf.get("attention_bias")),
+            qk_norm=model_type in ("qwen3", "gemma3_text"),
             sliding_window=sliding_window,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            # transformers leaves tie_word_embeddings out of config.json when it is the default:
+            # True for Gemma
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
+            hidden_act=hidden_act,
+            norm_plus_one=gemma,
+            scale_embeddings=gemma,
+            sandwich_norms=gemma,
+            query_pre_attn_scalar=gemma_value("query_pre_attn_scalar", 256),
+            # Gemma 3's attention ignores attn_logit_softcapping (as transformers does)
+            attn_logit_softcapping=hf.get("attn_logit_softcapping", 50.0) if model_type == "gemma2" else None,
+            final_logit_softcapping=gemma_value("final_logit_softcapping",
+                                                30.0 if model_type == "gemma2" else None),
+            layer_types=layer_types,
+            rope_local_theta=rope_local_theta,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
             pad_token_id=hf.get("pad_token_id"),
@@ -124,28 +185,20 @@ class ModelConfig:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         return cls.from_hf(hf, source=str(path))
 
-    def rope_inv_freq(self):
-        """Per-pair inverse frequencies [head_dim/2] (fp32), with rope scaling applied.
 
-        llama3 scaling (transformers' `_compute_llama3_parameters`): wavelengths longer than
-        orig/low_freq_factor are slowed down by `factor`, shorter than orig/high_freq_factor
-        are kept, and those in between are interpolated linearly in 1/wavelength.
-        """
-        import torch
-        inv_freq = 1.0 / (self.rope_theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64)
-                                              .float() / self.head_dim))
-        scaling = self.rope_scaling or {}
-        if scaling.get("rope_type") == "linear":
-            inv_freq = inv_freq / scaling["factor"]
-        elif scaling.get("rope_type") == "llama3":
-            factor = scaling["factor"]
-            low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-            orig = scaling["original_max_position_embeddings"]
-            low_freq_wavelen, high_freq_wavelen = orig / low, orig / high
-            wavelen = 2 * math.pi / inv_freq
-            scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-            smooth = (orig / wavelen - low) / (high - low)
-            smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-            is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-            inv_freq = torch.where(is_medium, smoothed, scaled)
-        return inv_freq
+@dataclass
+class LoRAConfig:
+    """The LoRA on a model: which projections (full leaf names, e.g. ["q_proj", "v_proj"]),
+    rank r, alpha (scale = alpha / r, or alpha / sqrt(r) with rsLoRA) and dropout on the
+    LoRA input. lora.attach_lora builds one; peft.py writes and reads it as adapter_config.json."""
+    targets: list[str]
+    r: int = 16
+    alpha: float = 16
+    dropout: float = 0.0
+    rslora: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"LoRA rank r must be an integer >= 1, got {self.r!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")

@@ -267,7 +267,7 @@ def llama3_rope_scaling(freq_factors, theta, head_dim, path):
     the largest divisor, s_i from each divisor, fit the line, and fix low = 1 (only orig/low
     and orig/high matter). The result is checked against every divisor.
     """
-    from nanolora.config import ModelConfig  # its rope_inv_freq is what will use the result
+    from nanolora.ops import rope_inv_freq  # what the model will compute from the result
     x = theta ** (-np.arange(0, head_dim, 2) / head_dim) / (2 * math.pi)
     if freq_factors.shape != x.shape:
         raise ValueError(f"{path}: rope_freqs.weight has {freq_factors.size} values, expected "
@@ -290,9 +290,7 @@ def llama3_rope_scaling(freq_factors, theta, head_dim, path):
     scaling = {"rope_type": "llama3", "factor": float(factor), "low_freq_factor": 1.0,
                "high_freq_factor": float(1 - 1 / intercept),
                "original_max_position_embeddings": float(-slope / intercept)}
-    check = ModelConfig("llama", 1, head_dim, 1, 1, 1, 1, head_dim, rope_theta=theta, rope_scaling=scaling)
-    plain = ModelConfig("llama", 1, head_dim, 1, 1, 1, 1, head_dim, rope_theta=theta)
-    got = (plain.rope_inv_freq() / check.rope_inv_freq()).double().numpy()
+    got = (rope_inv_freq(head_dim, theta) / rope_inv_freq(head_dim, theta, scaling)).double().numpy()
     if not (slope > 0 > intercept) or not np.allclose(got, freq_factors, rtol=1e-5):
         raise ValueError(f"{path}: rope_freqs.weight does not follow Llama-3 rope scaling "
                          f"(per-frequency factors {freq_factors.tolist()}); not supported")

@@ -31,7 +31,6 @@ What llama.cpp expects, from convert_hf_to_gguf.py / convert_lora_to_gguf.py:
   (so dims [in, r] and [r, out] in the file), B's rows permuted like W's for llama q/k.
   llama.cpp scales by alpha / r, so rsLoRA's alpha / sqrt(r) is written as alpha * sqrt(r).
 """
-import dataclasses
 import math
 import struct
 import warnings
@@ -46,6 +45,7 @@ from nanolora.gguf_quants import GGML_TYPES, TYPE_IDS, quantize, row_bytes
 from nanolora.gguf_vocab import tokenizer_metadata
 from nanolora.lora import lora_layers
 from nanolora.model import hf_key
+from nanolora.ops import rope_inv_freq
 
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}  # HF -> llama.cpp
 QUANTS = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7), "q4_0": ("Q4_0", 2),
@@ -170,8 +170,8 @@ def write_gguf_model(model, tokenizer, path, quant="f16", source=None, name=None
         for tensor_name, shape, ggml_type, key in tensors:
             if key is None:  # rope_freqs: llama.cpp divides frequency i by factor i, so the
                 # factors are the unscaled frequencies over ours (the same arithmetic as the model's)
-                plain = dataclasses.replace(config, rope_scaling=None).rope_inv_freq()
-                values = plain.double() / config.rope_inv_freq().double()
+                plain = rope_inv_freq(config.head_dim, config.rope_theta)
+                values = plain.double() / rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling).double()
             else:
                 got_key, values = next(merged, (None, None))
                 if got_key != key:

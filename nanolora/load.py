@@ -31,7 +31,7 @@ NF4_BLOCKSIZE = 64  # QLoRA's, and every *-bnb-4bit checkpoint's
 
 def load_model(name_or_path, device=None, dtype=None, *, adapter=None, load_in_4bit=False,
                skip_modules=None, **options):
-    """Load a Llama / Mistral / Qwen2 / Qwen3 checkpoint.
+    """Load a Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 checkpoint.
 
     name_or_path: an HF checkpoint folder, a hub repo id ("org/name"), or a .gguf file.
     device: default "cuda" when available, else "cpu". dtype: default bf16 on GPU, fp32 on CPU.
@@ -78,7 +78,7 @@ def load_model(name_or_path, device=None, dtype=None, *, adapter=None, load_in_4
         quantize = {hf_key(f"{name}.weight") for name, module in model.named_modules()
                     if isinstance(module, Linear) and not matches(name, keep_16bit)}
     place_tensors(model, tensors, device, dtype, source=str(name_or_path), quantize=quantize)
-    model.rope_inv_freq = config.rope_inv_freq().to(device)
+    model.compute_rope(device)
     if adapter is not None:
         from nanolora.peft import load_adapter
         load_adapter(model, adapter)

@@ -14,12 +14,10 @@ import torch
 import torch.nn as nn
 
 from nanolora import ops
-from nanolora.model import Linear
+from nanolora.config import LoRAConfig
+from nanolora.model import Linear, Transformer
 from nanolora.nf4 import NF4Weight
 
-ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-SHORT_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-                 "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
 
 class LoRALinear(nn.Module):
@@ -84,41 +82,44 @@ class LoRALinear(nn.Module):
                 f"scale={self.scale:.4g}, merged={self.merged}")
 
 
-def parse_targets(targets) -> list[str]:
-    """'all', 'q,v', ['q_proj', 'down'] ... -> full module names, in a fixed order."""
+def parse_targets(targets, names=Transformer.projection_names) -> list[str]:
+    """'all', 'q,v', ['q_proj', 'down'] ... -> projection names, in the order of `names` (the
+    model's projection_names). A short form is a name without its "_proj"."""
     if isinstance(targets, str):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
-    names = set()
+    short = {n.removesuffix("_proj"): n for n in names if n.endswith("_proj")}
+    chosen = set()
     for t in targets:
         if t == "all":
-            names.update(ALL_TARGETS)
-        elif t in ALL_TARGETS or t in SHORT_TARGETS:
-            names.add(SHORT_TARGETS.get(t, t))
+            chosen.update(names)
+        elif t in names or t in short:
+            chosen.add(short.get(t, t))
         else:
             raise ValueError(f"LoRA target {t!r} is not a projection name (expected 'all' or any "
-                             f"of {', '.join(ALL_TARGETS)}, or short forms {', '.join(SHORT_TARGETS)})")
-    if not names:
+                             f"of {', '.join(names)}, or short forms {', '.join(short)})")
+    if not chosen:
         raise ValueError("LoRA targets: none given (expected e.g. 'all' or 'q_proj,v_proj')")
-    return [n for n in ALL_TARGETS if n in names]
+    return [n for n in names if n in chosen]
 
 
 def attach_lora(model, targets="all", r=16, alpha=16, dropout=0.0, rslora=False):
-    """Replace each targeted linear of every block by a LoRALinear; freeze everything else.
+    """Replace each targeted projection by a LoRALinear; freeze everything else.
 
-    Returns the model. Parameters stay on the device of the weights they wrap.
+    Targets are the model's frozen projections (model.Linear modules) found by their leaf
+    name, wherever they sit; the names come from model.projection_names. Records the
+    settings as model.lora_config (a LoRAConfig) and returns the model. Parameters stay on
+    the device of the weights they wrap.
     """
-    if r < 1:
-        raise ValueError(f"LoRA rank r must be >= 1, got {r}")
-    target_names = parse_targets(targets)
+    config = LoRAConfig(parse_targets(targets, model.projection_names), r, alpha, dropout, rslora)
     for p in model.parameters():
         p.requires_grad_(False)
-    for block in model.layers:
-        for parent in (block.self_attn, block.mlp):
-            for name in target_names:
-                linear = getattr(parent, name, None)
-                if isinstance(linear, Linear):
-                    setattr(parent, name, LoRALinear(linear.weight, linear.bias, r, alpha, dropout, rslora))
-    model.lora_config = dict(r=r, alpha=alpha, dropout=dropout, rslora=rslora, targets=target_names)
+    chosen = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, Linear) and name.rsplit(".", 1)[-1] in config.targets]
+    for name, linear in chosen:
+        parent_name, _, leaf = name.rpartition(".")
+        lora = LoRALinear(linear.weight, linear.bias, r, alpha, dropout, rslora)
+        setattr(model.get_submodule(parent_name), leaf, lora)
+    model.lora_config = config
     return model
 
 

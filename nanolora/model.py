@@ -1,4 +1,4 @@
-"""The decoder shared by Llama, Mistral, Qwen2 and Qwen3.
+"""The decoder shared by Llama, Mistral, Qwen2, Qwen3, Gemma 2 and Gemma 3.
 
 Module names follow the HF checkpoints minus their leading `model.` (see `hf_key`), so
 `model.layers.3.mlp.up_proj.weight` in a safetensors file is `layers[3].mlp.up_proj.weight`
@@ -9,7 +9,12 @@ here. Family differences are ModelConfig fields:
 - qk_norm (Qwen3): RMSNorm over head_dim on every query and key head, before RoPE
 - sliding_window (Mistral): a query sees at most the last `sliding_window` keys, itself included
 - tie_word_embeddings: the output head reuses the embedding matrix
-- rope_scaling (llama3, linear): folded into the RoPE inverse frequencies by ModelConfig
+- rope_scaling (llama3, linear): folded into the RoPE inverse frequencies (ops.rope_inv_freq)
+- Gemma 2/3: hidden_act gelu_tanh (GeGLU); norm_plus_one (norms scale by 1 + w);
+  scale_embeddings (times sqrt(hidden)); sandwich_norms (a norm after attention and after the
+  MLP too); query_pre_attn_scalar (the attention scale); attn_logit_softcapping and
+  final_logit_softcapping; layer_types (sliding-window or full attention, per layer);
+  rope_local_theta (Gemma 3: the sliding layers' RoPE base)
 """
 from contextlib import nullcontext
 
@@ -29,13 +34,13 @@ def hf_key(name: str) -> str:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim, eps):
+    def __init__(self, dim, eps, plus_one=False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.plus_one = eps, plus_one
 
     def forward(self, x):
-        return ops.rms_norm(x, self.weight, self.eps)
+        return ops.rms_norm(x, self.weight, self.eps, self.plus_one)
 
 
 class Linear(nn.Module):
@@ -69,17 +74,20 @@ class Linear(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, sliding: bool):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.sliding = sliding  # a sliding-window layer (its mask and, for Gemma 3, its RoPE)
+        self.scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
+        self.softcap = cfg.attn_logit_softcapping
         bias = cfg.attention_bias
         self.q_proj = Linear(cfg.hidden_size, cfg.n_heads * cfg.head_dim, bias=bias)
         self.k_proj = Linear(cfg.hidden_size, cfg.n_kv_heads * cfg.head_dim, bias=bias)
         self.v_proj = Linear(cfg.hidden_size, cfg.n_kv_heads * cfg.head_dim, bias=bias)
         self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_plus_one)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_plus_one)
         else:
             self.q_norm = self.k_norm = None
 
@@ -94,7 +102,7 @@ class Attention(nn.Module):
             k_cache[:, :, cache_start:end] = k
             v_cache[:, :, cache_start:end] = v
             k, v = k_cache[:, :, :end], v_cache[:, :, :end]
-        out = ops.attention(q, k, v, mask)  # [batch, n_heads, seq, head_dim]
+        out = ops.attention(q, k, v, mask, self.scale, self.softcap)  # [batch, n_heads, seq, head_dim]
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -104,25 +112,37 @@ class MLP(nn.Module):
         self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.activation = cfg.hidden_act
+        self.output_only_added = not cfg.sandwich_norms
 
     def forward(self, x):
-        # output_only_added: Block adds this to the residual stream and reads it nowhere else,
-        # so a checkpoint recompute may skip computing it (ops.gated_mlp)
-        return ops.gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj, activation="silu",
-                             output_only_added=True)
+        # output_only_added: a Llama block adds this to the residual stream and reads it nowhere
+        # else, so a checkpoint recompute may skip computing it (ops.gated_mlp); Gemma's
+        # post_feedforward_layernorm reads it, so there it must be computed
+        return ops.gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj, activation=self.activation,
+                             output_only_added=self.output_only_added)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, sliding: bool):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one)  # noqa: E731
+        self.input_layernorm = norm()
+        self.self_attn = Attention(cfg, sliding)
+        self.post_attention_layernorm = norm()
         self.mlp = MLP(cfg)
+        # Gemma's "sandwich": HF calls the norm on the attention output post_attention_layernorm,
+        # the name Llama gives to the norm before the MLP; Gemma's are pre/post_feedforward_layernorm
+        self.pre_feedforward_layernorm = norm() if cfg.sandwich_norms else None
+        self.post_feedforward_layernorm = norm() if cfg.sandwich_norms else None
 
     def forward(self, x, cos, sin, mask, kv_cache=None, cache_start=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_start)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_start)
+        if self.pre_feedforward_layernorm is None:
+            x = x + attn
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(attn)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 def build_attention_mask(batch, q_len, kv_len, device, *, q_start=0, key_padding=None,
@@ -156,15 +176,31 @@ def build_attention_mask(batch, q_len, kv_len, device, *, q_start=0, key_padding
 
 
 class Transformer(nn.Module):
+    # The frozen projections (model.Linear) by leaf name, in the order LoRA targets are
+    # listed: what `--targets all` means. A fork that adds a projection adds its name here.
+    projection_names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        sliding = [cfg.sliding_window is not None and (cfg.layer_types is None or kind == "sliding_attention")
+                   for kind in (cfg.layer_types or [None] * cfg.n_layers)]
+        self.layers = nn.ModuleList(Block(cfg, sliding[i]) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.register_buffer("rope_inv_freq", cfg.rope_inv_freq(), persistent=False)
         self.grad_checkpointing = False
+        self.compute_rope()
+
+    def compute_rope(self, device=None):
+        """(Re)compute the RoPE frequency buffers, e.g. on `device` after building on "meta"
+        (buffers are not in the checkpoint, so loading does not fill them)."""
+        cfg = self.config
+        inv_freq = ops.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.register_buffer("rope_inv_freq", inv_freq.to(device), persistent=False)
+        # Gemma 3's sliding layers: their own base, no scaling
+        local = None if cfg.rope_local_theta is None else ops.rope_inv_freq(cfg.head_dim, cfg.rope_local_theta)
+        self.register_buffer("rope_local_inv_freq", None if local is None else local.to(device), persistent=False)
 
     @property
     def head_weight(self):
@@ -184,30 +220,44 @@ class Transformer(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(cache_start, cache_start + seq, device=device).expand(batch, seq)
         kv_len = cache_start + seq
-        mask = build_attention_mask(batch, seq, kv_len, device, q_start=cache_start,
-                                    key_padding=attention_mask, segment_ids=segment_ids,
-                                    sliding_window=self.config.sliding_window)
         x = self.embed_tokens(input_ids)
+        if self.config.scale_embeddings:  # sqrt(hidden) rounded to the model dtype first, as HF does
+            x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+        # (cos, sin, mask) for full-attention layers [False] and sliding-window ones [True]
         cos, sin = ops.rope_cos_sin(self.rope_inv_freq, position_ids, x.dtype)
+        local_cos, local_sin = (cos, sin) if self.rope_local_inv_freq is None else \
+            ops.rope_cos_sin(self.rope_local_inv_freq, position_ids, x.dtype)
+        inputs = {}
+        for sliding in {block.self_attn.sliding for block in self.layers}:
+            mask = build_attention_mask(batch, seq, kv_len, device, q_start=cache_start,
+                                        key_padding=attention_mask, segment_ids=segment_ids,
+                                        sliding_window=self.config.sliding_window if sliding else None)
+            inputs[sliding] = (local_cos, local_sin, mask) if sliding else (cos, sin, mask)
         checkpointed = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         offloader = checkpointing.offloader_for(self.grad_checkpointing, x.device) if checkpointed else None
         for i, block in enumerate(self.layers):
             layer_cache = None if kv_cache is None else kv_cache[i]
+            layer_cos, layer_sin, mask = inputs[block.self_attn.sliding]
             if checkpointed:  # keep only the block's input (on the GPU, or offloaded to CPU memory)
                 with offloader.hooks(x) if offloader else nullcontext():
-                    x = checkpoint(block, x, cos, sin, mask, layer_cache, cache_start, use_reentrant=False,
-                                   context_fn=ops.checkpoint_contexts)
+                    x = checkpoint(block, x, layer_cos, layer_sin, mask, layer_cache, cache_start,
+                                   use_reentrant=False, context_fn=ops.checkpoint_contexts)
             else:
-                x = block(x, cos, sin, mask, layer_cache, cache_start)
+                x = block(x, layer_cos, layer_sin, mask, layer_cache, cache_start)
         return self.norm(x)
+
+    def logits(self, hidden):
+        """The output head on hidden states [..., hidden] -> [..., vocab] (soft-capped for Gemma)."""
+        return ops.soft_cap(F.linear(hidden, self.head_weight), self.config.final_logit_softcapping)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, labels=None):
         """Logits [batch, seq, vocab]; or, given labels [batch, seq] (-100 = none), the next-token
         cross-entropy summed over label tokens (fp32 scalar), without materialising the logits."""
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, segment_ids)
         if labels is not None:
-            return ops.cross_entropy_sum(hidden, self.head_weight, labels)
-        return F.linear(hidden, self.head_weight)
+            return ops.cross_entropy_sum(hidden, self.head_weight, labels,
+                                         softcap=self.config.final_logit_softcapping)
+        return self.logits(hidden)
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens=64, *, attention_mask=None, temperature=0.0,
@@ -236,7 +286,7 @@ class Transformer(nn.Module):
         for _ in range(max_new_tokens):
             hidden = self.hidden_states(step_ids, attention_mask, position_ids, kv_cache=kv_cache,
                                         cache_start=start)
-            logits = F.linear(hidden[:, -1], self.head_weight).float()
+            logits = self.logits(hidden[:, -1]).float()
             next_ids = _pick_next(logits, temperature, top_p, generator)
             if len(eos_ids):
                 next_ids = torch.where(finished, eos_ids[0], next_ids)

@@ -10,6 +10,7 @@ and the case is one the kernel covers (e.g. LoRA dropout 0); otherwise the refer
 `NANOLORA_KERNELS=0` in the environment, or `ops.use_kernels(False)` from Python, forces the
 references everywhere.
 """
+import math
 import os
 from contextlib import contextmanager, nullcontext
 
@@ -45,22 +46,62 @@ def compute_dtype(x):
 
 
 # ----------------------------------------------------------------------------- RMSNorm
-def rms_norm_reference(x, weight, eps):
-    """weight * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back (as HF does)."""
+def rms_norm_reference(x, weight, eps, plus_one=False):
+    """weight * x / sqrt(mean(x^2) + eps), as HF computes it: x normalised in fp32, cast back
+    to x's dtype, then times weight (Llama's order).
+
+    plus_one (Gemma): the weight is stored as w - 1, so the scale is (1 + w); Gemma's order
+    differs too: the product (1 + w.float()) * normalised x is taken in fp32 and cast once.
+    """
     dtype = x.dtype
     x = x.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    if plus_one:
+        return (x * (1.0 + weight.float())).to(dtype)
     return weight * x.to(dtype)
 
 
-def rms_norm(x, weight, eps):
-    if _fast(x, weight) and not weight.requires_grad and weight.dtype == x.dtype:
+def rms_norm(x, weight, eps, plus_one=False):
+    # the Triton kernel has Llama's order and no (1 + w): Gemma's norms take the reference
+    if _fast(x, weight) and not plus_one and not weight.requires_grad and weight.dtype == x.dtype:
         from nanolora.kernels.rms_norm import rms_norm_triton
         return rms_norm_triton(x, weight, eps)
-    return rms_norm_reference(x, weight, eps)
+    return rms_norm_reference(x, weight, eps, plus_one)
+
+
+def soft_cap(x, cap):
+    """cap * tanh(x / cap): x squashed smoothly into (-cap, cap) (Gemma 2's attention scores
+    and Gemma's final logits); x itself when cap is None."""
+    return x if cap is None else torch.tanh(x / cap) * cap
 
 
 # ----------------------------------------------------------------------------- RoPE
+def rope_inv_freq(head_dim, theta, scaling=None):
+    """Per-pair inverse frequencies [head_dim/2] (fp32): theta^(-2i/head_dim), with HF's
+    `rope_scaling` applied (None, {"rope_type": "linear", "factor"} or "llama3").
+
+    llama3 scaling (transformers' `_compute_llama3_parameters`): wavelengths longer than
+    orig/low_freq_factor are slowed down by `factor`, shorter than orig/high_freq_factor
+    are kept, and those in between are interpolated linearly in 1/wavelength.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    scaling = scaling or {}
+    if scaling.get("rope_type") == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif scaling.get("rope_type") == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        orig = scaling["original_max_position_embeddings"]
+        low_freq_wavelen, high_freq_wavelen = orig / low, orig / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (orig / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
 def rope_cos_sin(inv_freq, position_ids, dtype):
     """cos and sin [batch, seq, head_dim] for positions [batch, seq], computed in fp32.
 
@@ -257,7 +298,8 @@ def qkv_rope_reference(x, q_proj, k_proj, v_proj, cos, sin, head_dim, q_norm=Non
     k = projection_reference(x, k_proj).view(batch, seq, -1, head_dim)
     v = projection_reference(x, v_proj).view(batch, seq, -1, head_dim)
     if q_norm is not None:
-        q, k = rms_norm_reference(q, q_norm.weight, q_norm.eps), rms_norm_reference(k, k_norm.weight, k_norm.eps)
+        q = rms_norm_reference(q, q_norm.weight, q_norm.eps, q_norm.plus_one)
+        k = rms_norm_reference(k, k_norm.weight, k_norm.eps, k_norm.plus_one)
     q, k = apply_rope_reference(q, cos, sin), apply_rope_reference(k, cos, sin)
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
@@ -275,19 +317,40 @@ def qkv_rope(x, q_proj, k_proj, v_proj, cos, sin, head_dim, q_norm=None, k_norm=
     batch, seq, _ = x.shape
     q, k, v = (t.view(batch, seq, -1, head_dim) for t in lora_projections(x, states, dtype, lora_A))
     if q_norm is not None:
-        q, k = rms_norm(q, q_norm.weight, q_norm.eps), rms_norm(k, k_norm.weight, k_norm.eps)
+        q, k = rms_norm(q, q_norm.weight, q_norm.eps, q_norm.plus_one), rms_norm(k, k_norm.weight, k_norm.eps, k_norm.plus_one)
     q, k = rope_qk(q, k, cos, sin)
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
-def attention(q, k, v, mask):
+def attention_reference(q, k, v, mask, scale=None, softcap=None):
+    """softmax(soft_cap(q k^T * scale) masked) v, written out: what SDPA computes, plus the
+    attention-score soft-capping SDPA has no slot for (Gemma 2).
+
+    Shapes as for `attention`. scale defaults to head_dim ** -0.5. The scores are
+    [batch, n_heads, q_len, kv_len]: fine for a reference, too big for long sequences.
+    """
+    q_len, kv_len = q.shape[-2], k.shape[-2]
+    if mask is None:  # causal over a whole sequence
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    scores = soft_cap(scores, softcap).masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def attention(q, k, v, mask, scale=None, softcap=None):
     """Scaled dot-product attention with grouped-query heads.
 
     q [batch, n_heads, q_len, head_dim], k/v [batch, n_kv_heads, kv_len, head_dim].
     mask: None for plain causal attention over a whole sequence (lets SDPA pick its flash
     kernel), else a boolean [batch or 1, 1, q_len, kv_len], True where a query may look.
+    scale: the factor on q k^T (default head_dim ** -0.5). softcap: Gemma 2's cap on the
+    scores; SDPA cannot apply it, so capped attention runs attention_reference.
     """
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+    if softcap is not None:
+        return attention_reference(q, k, v, mask, scale, softcap)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
@@ -355,13 +418,17 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     so the forward already computes d loss / d hidden = (softmax - onehot) W (and d/dW when W
     trains) and the backward only scales them by the incoming gradient.
 
+    With softcap (Gemma), the logits are z = cap * tanh(raw / cap) and
+    d loss / d raw = (softmax(z) - onehot) * (1 - (z / cap)^2): the chain rule through tanh,
+    applied in the forward too (one more [chunk, vocab] buffer, only when capping).
+
     Rows whose label is -100 contribute zero loss and zero gradient. They are computed rather
     than filtered out: selecting the labelled rows would need their count on the host, a
     device sync in every micro-batch.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size):
+    def forward(ctx, hidden, weight, labels, chunk_size, softcap=None):
         # hidden [n, d], labels [n]
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden)
@@ -373,6 +440,10 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             has_label = (y != -100)[:, None]
             y = y.clamp(min=0)
             logits = (h @ w.T).float()  # [chunk, vocab]
+            if softcap is not None:
+                tanh = logits.div_(softcap).tanh_()
+                d_cap = 1.0 - tanh.square()  # d capped / d raw
+                logits = tanh.mul_(softcap)
             target_logit = logits.gather(-1, y[:, None])
             # softmax by hand, in place in the logits' own buffer: one [chunk, vocab] tensor
             # and five passes over it instead of logsumexp's and softmax's separate copies
@@ -384,6 +455,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             d_logits = probs.div_(sum_exp)  # softmax, becoming softmax - onehot, masked
             d_logits.scatter_add_(-1, y[:, None], torch.full_like(token_loss, -1.0))
             d_logits.masked_fill_(~has_label, 0.0)
+            if softcap is not None:
+                d_logits.mul_(d_cap)
             grad_hidden[start:start + chunk_size] = d_logits.to(h.dtype) @ w
             if grad_weight is not None:
                 grad_weight += d_logits.T @ h.float()
@@ -396,26 +469,28 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
-        return grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight, None, None
+        return grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight, None, None, None
 
 
-def cross_entropy_sum_reference(hidden, weight, labels, chunk_size=None):
+def cross_entropy_sum_reference(hidden, weight, labels, chunk_size=None, softcap=None):
     """Summed next-token cross-entropy over label positions (labels == -100 are skipped).
 
     hidden [batch, seq, d] are the final-norm states, weight [vocab, d] the output head,
     labels [batch, seq] aligned with the inputs (position t is predicted from t-1, as in HF).
+    softcap: Gemma's final-logit cap (logits -> cap * tanh(logits / cap)), or None.
     Returns the fp32 sum. Dividing is the training loop's job: it knows how many label
     tokens the whole accumulation window holds.
     """
     hidden, labels, chunk_size = _shifted_rows(hidden, weight, labels, chunk_size)
-    return _LinearCrossEntropySum.apply(hidden, weight, labels, chunk_size)
+    return _LinearCrossEntropySum.apply(hidden, weight, labels, chunk_size, softcap)
 
 
-def cross_entropy_sum(hidden, weight, labels, chunk_size=None):
+def cross_entropy_sum(hidden, weight, labels, chunk_size=None, softcap=None):
     """cross_entropy_sum_reference's result; on CUDA with a frozen head, the softmax and its
-    gradient in one Triton pass over each chunk's 16-bit logits (kernels/cross_entropy.py)."""
-    if not (_fast(hidden, weight) and not weight.requires_grad):
-        return cross_entropy_sum_reference(hidden, weight, labels, chunk_size)
+    gradient in one Triton pass over each chunk's 16-bit logits (kernels/cross_entropy.py).
+    The kernel has no soft-cap: Gemma's capped logits take the reference."""
+    if not (_fast(hidden, weight) and not weight.requires_grad and softcap is None):
+        return cross_entropy_sum_reference(hidden, weight, labels, chunk_size, softcap)
     from nanolora.kernels.cross_entropy import linear_cross_entropy_sum
     hidden, labels, chunk_size = _shifted_rows(hidden, weight, labels, chunk_size)
     return linear_cross_entropy_sum(hidden, weight, labels, chunk_size)

@@ -6,6 +6,7 @@ module path under `base_model.model.`, e.g.
     base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight   [r, in]
     base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight   [out, r]
 """
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nanolora.files import atomic_path
-from nanolora.lora import ALL_TARGETS, attach_lora, lora_layers
+from nanolora.config import LoRAConfig
+from nanolora.lora import attach_lora, lora_layers, parse_targets
 from nanolora.model import hf_key
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -40,8 +42,8 @@ def save_adapter(model, folder, base_model_name_or_path=None):
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM",
         "base_model_name_or_path": None if base_model_name_or_path is None else str(base_model_name_or_path),
-        "r": cfg["r"], "lora_alpha": cfg["alpha"], "lora_dropout": cfg["dropout"],
-        "use_rslora": cfg["rslora"], "target_modules": cfg["targets"],
+        "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
+        "use_rslora": cfg.rslora, "target_modules": cfg.targets,
         "bias": "none", "use_dora": False, "fan_in_fan_out": False, "modules_to_save": None,
         "init_lora_weights": True, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
     }
@@ -54,7 +56,7 @@ def save_adapter(model, folder, base_model_name_or_path=None):
 
 
 def read_adapter_config(folder) -> dict:
-    """adapter_config.json -> attach_lora's arguments, refusing what nanolora cannot apply."""
+    """adapter_config.json -> LoRAConfig, refusing what nanolora cannot apply."""
     file = Path(folder) / CONFIG_FILE
     if not file.exists():
         raise FileNotFoundError(f"{file}: no adapter config (expected a PEFT LoRA adapter folder "
@@ -73,16 +75,19 @@ def read_adapter_config(folder) -> dict:
         if config.get(key):
             refuse(key, config[key], "null or empty")
     targets = config.get("target_modules")
-    if isinstance(targets, str):  # PEFT accepts a regex or "all-linear" here
-        targets = list(ALL_TARGETS) if targets == "all-linear" else refuse(
+    if isinstance(targets, str):  # PEFT accepts a regex or "all-linear" (every linear but the head) here
+        targets = ["all"] if targets == "all-linear" else refuse(
             "target_modules", targets, "a list of projection names, or 'all-linear'")
-    return dict(targets=targets, r=config["r"], alpha=config["lora_alpha"],
-                dropout=config.get("lora_dropout", 0.0), rslora=config.get("use_rslora", False))
+    try:
+        return LoRAConfig(parse_targets(targets or []), config["r"], config["lora_alpha"],
+                          config.get("lora_dropout", 0.0), config.get("use_rslora", False))
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{file}: {e if isinstance(e, ValueError) else f'key {e} is missing'}") from None
 
 
 def load_adapter(model, folder):
     """Attach the adapter in `folder` to `model` and fill in its weights."""
-    attach_lora(model, **read_adapter_config(folder))
+    attach_lora(model, **dataclasses.asdict(read_adapter_config(folder)))
     return load_adapter_weights(model, folder)
 
 
@@ -102,7 +107,7 @@ def load_adapter_weights(model, folder):
             param = expected.pop(key.replace(".default.weight", ".weight"), None)
             if param is None:
                 raise ValueError(f"{file}: unexpected tensor {key!r} (not a LoRA matrix of the "
-                                 f"targets {model.lora_config['targets']} on this model)")
+                                 f"targets {model.lora_config.targets} on this model)")
             tensor = f.get_tensor(key)
             if tensor.shape != param.shape:
                 raise ValueError(f"{file}: tensor {key!r} has shape {list(tensor.shape)}, but the base "

@@ -58,7 +58,7 @@ def randomize_lora(model, seed=0, std=0.05):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in lora_parameters(model):
-            if p.shape[0] != model.lora_config["r"]:  # B [out, r]: what training moves off zero
+            if p.shape[0] != model.lora_config.r:  # B [out, r]: what training moves off zero
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 

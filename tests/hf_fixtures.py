@@ -27,6 +27,19 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=False)),
     # explicit head_dim (32) != hidden_size / heads (16)
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32, tie_word_embeddings=False)),
+    # Gemma: window 5 (test sequences are 12+ tokens) on alternate layers, query_pre_attn_scalar
+    # != head_dim, and soft-caps small enough to bend these tiny models' scores and logits
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        head_dim=32, sliding_window=5, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0)),
+    # Gemma 3: q/k norm, its own RoPE base on the sliding layers and linear scaling on the
+    # full ones, layer types as listed (HF's default would make all 3 sliding), untied head
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        head_dim=32, sliding_window=5, query_pre_attn_scalar=24, final_logit_softcapping=3.0,
+        num_hidden_layers=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 50000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        tie_word_embeddings=False)),
 }
 
 

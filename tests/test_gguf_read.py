@@ -17,8 +17,8 @@ gguf = pytest.importorskip("gguf")  # the reference reader (dev extra; absent on
 from gguf_fixtures import llama3_rope_factors, rewrite_gguf, write_gguf_from_hf
 from hf_fixtures import VOCAB, make_hf_model, save_checkpoint
 from nanolora import load_model
-from nanolora.config import ModelConfig
 from nanolora.gguf import ALL_GGML_TYPES, GGUFFile, dequantize, llama3_rope_scaling, read_gguf_checkpoint
+from nanolora.ops import rope_inv_freq
 from tok_fixtures import CORPUS, make_bpe_tokenizer_dir, make_sentencepiece_dir
 
 QUANTS = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"]
@@ -131,11 +131,10 @@ def test_llama3_rope_scaling_recovered(theta, head_dim, scaling):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     factors = llama3_rope_factors(scaling, theta, head_dim).double().numpy()
     recovered = llama3_rope_scaling(factors, theta, head_dim, "test.gguf")
-    ours = ModelConfig("llama", 1, head_dim, 1, 1, 1, 1, head_dim, rope_theta=theta, rope_scaling=recovered)
     hf = LlamaConfig(hidden_size=head_dim, num_attention_heads=1, head_dim=head_dim,
                      rope_parameters={"rope_type": "llama3", "rope_theta": theta, **scaling})
     ref, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
-    torch.testing.assert_close(ours.rope_inv_freq(), ref.float(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(rope_inv_freq(head_dim, theta, recovered), ref.float(), rtol=1e-5, atol=0)
 
 
 # ---------------------------------------------------------------- format details

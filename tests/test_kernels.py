@@ -273,11 +273,13 @@ def test_environment_switch_forces_the_references(tmp_path):
         assert out == expected
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma2", "gemma3"])
 @pytest.mark.parametrize("nf4", [False, True], ids=["16bit", "nf4"])
 def test_training_step_with_kernels_equals_references(tmp_path, family, nf4):
     """One step's loss and LoRA gradients, kernels on vs NANOLORA_KERNELS=0, whole model:
-    llama (GQA, llama3 rope), qwen2 (q/k/v bias), qwen3 (q/k norm, head_dim != hidden/heads).
+    llama (GQA, llama3 rope), qwen2 (q/k/v bias), qwen3 (q/k norm, head_dim != hidden/heads),
+    gemma2/gemma3 (GeGLU through the fused MLP; norms, soft-capped attention and the capped
+    loss falling back to the references).
     fp32 on the CPU (tolerance 1e-5, as for the single ops); bf16 under autocast on the GPU,
     where the two paths round differently: relative error of the loss < 1e-2 and of each
     gradient tensor < 5e-2 (bf16 has 8 bits of mantissa, and differences compound over layers)."""

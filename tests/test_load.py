@@ -29,8 +29,9 @@ def test_unreachable_hub_id(monkeypatch):
 
 def test_unsupported_model_type(checkpoint):
     config = json.loads((checkpoint / "config.json").read_text())
-    (checkpoint / "config.json").write_text(json.dumps({**config, "model_type": "gemma2"}))
-    with pytest.raises(ValueError, match=r"config.json: model_type 'gemma2' is not supported \(supported: llama, mistral, qwen2, qwen3\)"):
+    (checkpoint / "config.json").write_text(json.dumps({**config, "model_type": "phi3"}))
+    with pytest.raises(ValueError, match=r"config.json: model_type 'phi3' is not supported \(supported: llama, "
+                                         r"mistral, qwen2, qwen3, gemma2, gemma3_text\)"):
         load_model(checkpoint, device="cpu")
 
 

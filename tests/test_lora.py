@@ -113,6 +113,41 @@ def test_parse_targets():
         parse_targets("qkv")
 
 
+def test_targets_are_found_by_leaf_name_anywhere():
+    """A fork that adds a projection (here a gate on the block's output, as a module of the
+    block itself rather than of self_attn/mlp) declares its name and LoRA finds it."""
+    from nanolora.config import ModelConfig
+    from nanolora.model import Linear, Transformer
+
+    class Forked(Transformer):
+        projection_names = Transformer.projection_names + ("out_gate",)
+
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            for block in self.layers:
+                block.out_gate = Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+
+    cfg = ModelConfig("llama", 32, 16, 24, n_layers=2, n_heads=2, n_kv_heads=2, head_dim=8)
+    model = Forked(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p)
+    attach_lora(model, "out_gate,q", r=2, alpha=2)
+    assert [name for name, _ in lora_layers(model)] == [
+        "layers.0.self_attn.q_proj", "layers.0.out_gate", "layers.1.self_attn.q_proj", "layers.1.out_gate"]
+    assert model.lora_config.targets == ["q_proj", "out_gate"]
+    with pytest.raises(ValueError, match="LoRA target 'o_gate' is not a projection name"):
+        attach_lora(Forked(cfg), "o_gate")
+
+
+@pytest.mark.parametrize("bad,match", [(dict(r=0), "rank r must be an integer >= 1"),
+                                       (dict(r=2.5), "rank r must be an integer >= 1"),
+                                       (dict(dropout=1.0), r"dropout must be in \[0, 1\)")])
+def test_lora_config_refuses_bad_settings(checkpoint, bad, match):
+    model, _ = load_model(checkpoint, device="cpu")
+    with pytest.raises(ValueError, match=match):
+        attach_lora(model, "all", **bad)
+
+
 @pytest.mark.parametrize("weight_trains", [False, True])
 def test_chunked_cross_entropy_matches_torch(weight_trains):
     """Sum over label tokens of F.cross_entropy on full logits (the reference), forward and
