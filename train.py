@@ -25,7 +25,6 @@ from nanolora.checkpoint import save_merged
 from nanolora.data import Batches, load_examples, pad_token_id, split_eval
 from nanolora.files import atomic_path
 from nanolora.lora import attach_lora, lora_parameters, parse_targets, summary
-from nanolora.nf4 import NF4Weight
 from nanolora.peft import load_adapter_weights, save_adapter
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -187,8 +186,6 @@ def weights_checksum(model):
     """A float64 fingerprint of every frozen tensor (NF4 bytes included): unchanged weights
     give the same number, and any update to them would change it."""
     frozen = [p for p in model.parameters() if not p.requires_grad]
-    frozen += [t for m in model.modules() if isinstance(getattr(m, "weight", None), NF4Weight)
-               for t in m.weight.tensors().values()]
     total = torch.zeros((), dtype=torch.float64)
     for t in frozen:
         values = t.detach().double()
