@@ -191,9 +191,8 @@ def sample_completions(model, tokenizer, examples, device, autocast, max_new_tok
 def weights_checksum(model):
     """A float64 fingerprint of every frozen tensor (NF4 bytes included): unchanged weights
     give the same number, and any update to them would change it."""
-    frozen = [p for p in model.parameters() if not p.requires_grad]
     total = torch.zeros((), dtype=torch.float64)
-    for t in frozen:
+    for t in (p for p in model.parameters() if not p.requires_grad):
         values = distributed.whole(t).detach().double()  # FSDP2: gathered, one tensor at a time
         total += (values.sum() + values.square().sum()).cpu()
     return total.item()
@@ -210,7 +209,7 @@ def save_checkpoint(folder, model, optimizer, scheduler, scaler, batches, step, 
     with atomic_path(folder) as tmp:
         save_adapter(model, tmp, settings.model, adapter)
         torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "data": batches.state_dict(), "world_size": distributed.world_size(),
+                    "scaler": scaler.state_dict(), "data": batches.state_dict(), "launch": distributed.launch(),
                     "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                     "settings": vars(settings)}, tmp / "trainer_state.pt")
@@ -220,13 +219,14 @@ def load_checkpoint(folder, model, optimizer, scheduler, scaler, batches):
     """Restore what save_checkpoint wrote besides the adapter (main loads that before the model
     is sharded); returns the step it was taken at."""
     state = torch.load(Path(folder) / "trainer_state.pt", weights_only=False)
-    if state.get("world_size", 1) != distributed.world_size():
-        sys.exit(f"--resume: {folder} was written by {state.get('world_size', 1)} process(es), this run has "
-                 f"{distributed.world_size()}; resume with the same number (each step's examples depend on it)")
+    if state.get("launch", "one process") != distributed.launch():
+        sys.exit(f"--resume: {folder} was written by {state.get('launch', 'one process')}, this run by "
+                 f"{distributed.launch()}; resume it the same way (each step's examples depend on it)")
     distributed.load_optimizer_state(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     batches.load_state_dict(state["data"])
+    print(f"resumed from {folder} at step {state['step']}")
     random.setstate(state["rng"]["python"])
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"]["cuda"] and torch.cuda.is_available():
@@ -305,11 +305,8 @@ def main(argv=None):
         return 1 - progress if s.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
-    step, last_checkpoint = 0, None
-    if s.resume:
-        step = load_checkpoint(folder, model, optimizer, scheduler, scaler, batches)
-        print(f"resumed from {folder} at step {step}")
-        last_checkpoint = folder
+    step = load_checkpoint(folder, model, optimizer, scheduler, scaler, batches) if s.resume else 0
+    last_checkpoint = folder if s.resume else None
 
     # --- before
     base_checksum = weights_checksum(model)

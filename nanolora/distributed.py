@@ -27,10 +27,11 @@ import torch.distributed as dist
 
 
 def setup(device: torch.device) -> torch.device:
-    """Join torchrun's process group when WORLD_SIZE > 1 (NCCL on GPUs, gloo on the CPU) and
-    return this rank's device (cuda:LOCAL_RANK). Ranks other than 0 print nothing: their
-    stdout goes to /dev/null (errors still reach stderr)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    """Under torchrun (which sets WORLD_SIZE), join its process group (NCCL on GPUs, gloo on the
+    CPU) and return this rank's device (cuda:LOCAL_RANK); `torchrun --nproc_per_node 1` too, so
+    one GPU can check the DDP/FSDP2 paths. Ranks other than 0 print nothing: their stdout goes
+    to /dev/null (errors still reach stderr). A plain `python train.py` is left as it is."""
+    if "WORLD_SIZE" not in os.environ:
         return device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -55,6 +56,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def launch() -> str:
+    """How this run was started, as --resume compares it."""
+    return f"torchrun with {world_size()} process(es)" if dist.is_initialized() else "one process"
+
+
 def close():
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -74,7 +80,7 @@ def parallelize(model, mode: str):
     """The model the loop trains through: DDP around `model`, or `model` itself sharded in place
     by FSDP2 (fully_shard per block, then the root: each block's weights are all-gathered for
     its forward and backward and freed after). Unchanged in one process."""
-    if world_size() == 1:
+    if not dist.is_initialized():
         return model
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -149,7 +155,7 @@ def unsharded(model):
 def optimizer_state(model, optimizer) -> dict:
     """The optimizer's state for a checkpoint. Across ranks, FSDP2's shards are gathered into
     one full state on rank 0 (torch.distributed.checkpoint's API; a collective)."""
-    if world_size() == 1:
+    if not dist.is_initialized():
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -157,7 +163,7 @@ def optimizer_state(model, optimizer) -> dict:
 
 def load_optimizer_state(model, optimizer, state: dict):
     """optimizer_state's inverse; every rank passes the full state it read, and keeps its shard."""
-    if world_size() == 1:
+    if not dist.is_initialized():
         return optimizer.load_state_dict(state)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -40,10 +40,10 @@ def flags(checkpoint, data, out, accum, *extra):
     return ["--model", str(checkpoint), "--data", str(data), "--out", str(out), "--seq_len", "64",
             "--batch_size", "2", "--grad_accum", str(accum), "--max_steps", "4", "--save_every", "2",
             "--lr", "1e-2", "--warmup_steps", "0", "--dropout", "0", "--r", "4", "--alpha", "8",
-            "--eval_size", "4", "--samples", "1", "--log_every", "1", "--seed", "7", *extra]
+            "--eval_size", "4", "--samples", "0", "--log_every", "1", "--seed", "7", *extra]
 
 
-CASES = {"ddp": [], "fsdp": ["--parallel", "fsdp"],
+CASES = {"ddp": [], "fsdp": ["--parallel", "fsdp", "--samples", "1"],  # generate() under FSDP2 once
          "ddp_nf4": ["--load_in_4bit", "true"], "fsdp_nf4": ["--parallel", "fsdp", "--load_in_4bit", "true"]}
 
 
@@ -67,13 +67,20 @@ def _worker(rank, port, jobs):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """{name: out folder} for the 1-process references and every 2-process run."""
+def inputs(tmp_path_factory):
+    """A folder with a tiny qwen2 checkpoint (model/) and 40 rows of 1 to 13 label tokens (data.jsonl)."""
     root = tmp_path_factory.mktemp("distributed")
     save_checkpoint(root / "model", "qwen2")
     rows = [{"prompt": " ".join(f"w{j}" for j in range(1 + (3 * i) % 7)),  # 1 to 13 label tokens
              "completion": " ".join(str(k) for k in range(1 + (5 * i) % 13))} for i in range(40)]
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(inputs):
+    """The folder of `inputs`, with the outputs of the 1-process references and of every 2-process run."""
+    root = inputs
     args = lambda name, accum, *extra: flags(root / "model", root / "data.jsonl", root / name, accum, *extra)
     assert "WORLD_SIZE" not in os.environ
     train.main(args("one", 4))
@@ -139,5 +146,29 @@ def test_resume_under_two_ranks_is_exact(runs, name):
 def test_resume_with_another_world_size_is_refused(runs, tmp_path):
     shutil.copytree(runs / "ddp" / "checkpoint-2", tmp_path / "checkpoint-2")
     argv = flags(runs / "model", runs / "data.jsonl", tmp_path, 4, "--resume", "latest")
-    with pytest.raises(SystemExit, match=r"written by 2 process\(es\), this run has 1; resume with the same number"):
+    with pytest.raises(SystemExit, match=r"written by torchrun with 2 process\(es\), this run by one process; resume it the same way"):
         train.main(argv)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_on_gpus_trains_like_one_process(inputs, tmp_path, parallel):
+    """NCCL, the fused kernels and FSDP2 over NF4 bytes on real GPUs: torchrun with up to 2 GPUs
+    (one is enough to run the DDP/FSDP2 code with NCCL) against one process with the same global
+    batch. Each micro-batch's forward is the same computation in both runs; only the fp32
+    gradient sums are added in another order, so bf16 autocast leaves the two close (expected
+    well inside 1e-3; not yet measured on a GPU)."""
+    import subprocess
+    import sys
+    n = min(2, torch.cuda.device_count())
+    args = lambda out, accum, *extra: flags(inputs / "model", inputs / "data.jsonl", out, accum, "--load_in_4bit", "true", *extra)
+    train.main(args(tmp_path / "one", 4))
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+                    str(repo / "train.py"), *args(tmp_path / "torchrun", 4 // n, "--parallel", parallel)],
+                   cwd=repo, check=True, env={**os.environ, "PYTHONPATH": str(repo)})
+    for a, b in zip(metrics(tmp_path / "torchrun"), metrics(tmp_path / "one"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+    mean, most = rel_diff(adapter(tmp_path / "torchrun"), adapter(tmp_path / "one"))
+    print(f"{n} GPU(s), {parallel}: adapter |torchrun - 1 process| / max |adapter|: mean {mean:.2e}, max {most:.2e}")
+    assert mean <= 1e-4
