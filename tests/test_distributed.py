@@ -44,7 +44,8 @@ def flags(checkpoint, data, out, accum, *extra):
 
 
 CASES = {"ddp": [], "fsdp": ["--parallel", "fsdp", "--samples", "1"],  # generate() under FSDP2 once
-         "ddp_nf4": ["--load_in_4bit", "true"], "fsdp_nf4": ["--parallel", "fsdp", "--load_in_4bit", "true"]}
+         "ddp_nf4": ["--load_in_4bit", "true"],  # and the block recompute under FSDP2 once:
+         "fsdp_nf4": ["--parallel", "fsdp", "--load_in_4bit", "true", "--grad_checkpointing", "true"]}
 
 
 def _worker(rank, port, jobs):
