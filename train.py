@@ -3,14 +3,18 @@
     python train.py                                    # the default run (see README)
     python train.py --model Qwen/Qwen3-8B --data chats.jsonl --seq_len 2048 --grad_accum 8
 
+    torchrun --nproc_per_node 4 train.py --parallel fsdp ...   # several GPUs (nanolora/distributed.py)
+
 Every setting below is a flag (`--lr 1e-4`, `--rslora true`). The loss is summed over label
-tokens and divided by the number of label tokens in the whole accumulation window, counted
-before the first backward, so any split of a batch into micro-batches gives the same gradient.
+tokens and divided by the number of label tokens in the whole accumulation window (all
+micro-batches, all ranks), counted before the first backward, so any split of a batch into
+micro-batches or processes gives the same gradient.
 """
 import argparse
 import importlib.util
 import json
 import math
+import os
 import random
 import resource
 import sys
@@ -20,13 +24,12 @@ from pathlib import Path
 
 import torch
 
-from nanolora import load_model
+from nanolora import distributed, load_model
 from nanolora.checkpoint import save_merged
-from nanolora.data import Batches, load_examples, pad_token_id, split_eval
+from nanolora.data import IGNORE, Batches, load_examples, pad_token_id, split_eval
 from nanolora.files import atomic_path
 from nanolora.lora import attach_lora, lora_parameters, parse_targets, summary
-from nanolora.nf4 import NF4Weight
-from nanolora.peft import load_adapter_weights, save_adapter
+from nanolora.peft import adapter_state, load_adapter_weights, save_adapter
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -51,8 +54,9 @@ DEFAULTS = dict(
     samples=3,                  # held-out prompts to generate from before and after
     resume="",                  # a checkpoint folder, or "latest" in --out
     device="",                  # default: cuda if available, else cpu
+    parallel="ddp",             # under torchrun: ddp replicates the frozen base, fsdp shards it (FSDP2)
 )
-CHOICES = dict(schedule=("linear", "cosine"))
+CHOICES = dict(schedule=("linear", "cosine"), parallel=("ddp", "fsdp"))
 
 
 def parse_settings(argv=None):
@@ -130,41 +134,42 @@ def to_device(batch, device):
     return {k: None if v is None else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def accumulate_gradients(model, micro_batches, device, autocast, scaler=None):
-    """Backward over one accumulation window; returns (summed loss, label tokens), both on the device.
+def accumulate_gradients(model, micro_batches, device, autocast, scaler):
+    """Backward over this rank's micro-batches of one accumulation window; returns (this rank's
+    summed loss, the label tokens of the whole window on all ranks).
 
     Each micro-batch's summed loss is divided by the label tokens of the WHOLE window, so the
     gradients add up to d(mean over all the window's label tokens). Dividing each micro-batch
     by its own count instead (a mean of means) weighs a token in a short micro-batch more than
-    one in a long micro-batch. The count comes from labels still on the host: no device sync.
+    one in a long micro-batch. The count comes from labels still on the host, summed over ranks
+    by one all-reduce; the loss is multiplied by the world size because DDP and FSDP2 average
+    the ranks' gradients, which they reduce only in the last micro-batch's backward.
     """
-    n_label_tokens = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
+    n_label_tokens = distributed.sum_over_ranks(sum(int((mb["labels"] != IGNORE).sum()) for mb in micro_batches), device)
     loss_sum = torch.zeros((), device=device)
-    for mb in micro_batches:
-        mb = to_device(mb, device)
-        with autocast:
-            mb_loss = model(mb["input_ids"], mb["attention_mask"], mb["position_ids"],
-                            mb["segment_ids"], labels=mb["labels"])
-        loss = mb_loss / n_label_tokens
-        (scaler.scale(loss) if scaler else loss).backward()  # fp16: scaled, unscaled before clipping
+    for i, mb in enumerate(micro_batches):
+        with distributed.gradient_sync(model, enabled=i == len(micro_batches) - 1):
+            with autocast:
+                mb_loss = model(**to_device(mb, device))
+            # fp16: scaled, unscaled before clipping (a disabled scaler passes the loss through)
+            scaler.scale(mb_loss * distributed.world_size() / n_label_tokens).backward()
         loss_sum += mb_loss.detach()
     return loss_sum, n_label_tokens
 
 
 @torch.no_grad()
 def evaluate(model, batches, device, autocast):
-    """Mean loss per label token over the held-out examples."""
+    """Mean loss per label token over the held-out examples, each rank taking its share."""
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device), 0
-    for batch in batches:
-        count += int((batch["labels"] != -100).sum())
-        batch = to_device(batch, device)
+    for batch, counts in distributed.my_share(list(batches)):
         with autocast:
-            total += model(batch["input_ids"], batch["attention_mask"], batch["position_ids"],
-                           batch["segment_ids"], labels=batch["labels"])
+            loss = model(**to_device(batch, device))
+        if counts:
+            total, count = total + loss, count + int((batch["labels"] != IGNORE).sum())
     model.train(was_training)
-    return (total / count).item()
+    return (distributed.sum_over_ranks(total, device) / distributed.sum_over_ranks(count, device)).item()
 
 
 @torch.no_grad()
@@ -174,9 +179,9 @@ def sample_completions(model, tokenizer, examples, device, autocast, max_new_tok
     model.eval()
     texts = []
     for ex in examples:
-        prompt = ex.input_ids[:next(i for i, label in enumerate(ex.labels) if label != -100)]
+        prompt = ex.input_ids[:next(i for i, label in enumerate(ex.labels) if label != IGNORE)]
         ids = torch.tensor([prompt], device=device)
-        with autocast:
+        with autocast, distributed.unsharded(model):  # FSDP2: every rank runs it
             out = model.generate(ids, max_new_tokens, eos_token_id=tokenizer.eos_token_ids)
         texts.append(tokenizer.decode(out[0, len(prompt):].tolist(), skip_special_tokens=True).strip())
     model.train(was_training)
@@ -186,41 +191,42 @@ def sample_completions(model, tokenizer, examples, device, autocast, max_new_tok
 def weights_checksum(model):
     """A float64 fingerprint of every frozen tensor (NF4 bytes included): unchanged weights
     give the same number, and any update to them would change it."""
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    frozen += [t for m in model.modules() if isinstance(getattr(m, "weight", None), NF4Weight)
-               for t in m.weight.tensors().values()]
     total = torch.zeros((), dtype=torch.float64)
-    for t in frozen:
-        values = t.detach().double()
+    for t in (p for p in model.parameters() if not p.requires_grad):
+        values = distributed.whole(t).detach().double()  # FSDP2: gathered, one tensor at a time
         total += (values.sum() + values.square().sum()).cpu()
     return total.item()
 
 
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(folder, model, optimizer, scheduler, scaler, batches, step, settings):
-    """Adapter (PEFT format) plus everything --resume needs to continue exactly, written
-    under a temporary name and renamed, so a crash never leaves a half checkpoint."""
+    """Adapter (PEFT format) plus everything --resume needs to continue exactly, written by
+    rank 0 under a temporary name and renamed, so a crash never leaves a half checkpoint.
+    Every rank calls it: FSDP2's shards of the adapter and optimizer state are gathered."""
+    adapter, optimizer_state = adapter_state(model), distributed.optimizer_state(model, optimizer)
+    if not distributed.is_main():
+        return
     with atomic_path(folder) as tmp:
-        save_adapter(model, tmp, settings.model)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler else None, "data": batches.state_dict(),
+        save_adapter(model, tmp, settings.model, adapter)
+        torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "data": batches.state_dict(), "launch": distributed.launch(),
                     "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                     "settings": vars(settings)}, tmp / "trainer_state.pt")
 
 
 def load_checkpoint(folder, model, optimizer, scheduler, scaler, batches):
-    """Restore a checkpoint written by save_checkpoint; returns the step it was taken at."""
-    folder = Path(folder)
-    if not (folder / "trainer_state.pt").exists():
-        sys.exit(f"--resume: {folder} is not a checkpoint folder (no trainer_state.pt)")
-    state = torch.load(folder / "trainer_state.pt", weights_only=False)
-    load_adapter_weights(model, folder)
-    optimizer.load_state_dict(state["optimizer"])
+    """Restore what save_checkpoint wrote besides the adapter (main loads that before the model
+    is sharded); returns the step it was taken at."""
+    state = torch.load(Path(folder) / "trainer_state.pt", weights_only=False)
+    if state.get("launch", "one process") != distributed.launch():
+        sys.exit(f"--resume: {folder} was written by {state.get('launch', 'one process')}, this run by "
+                 f"{distributed.launch()}; resume it the same way (each step's examples depend on it)")
+    distributed.load_optimizer_state(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    if scaler and state["scaler"]:
-        scaler.load_state_dict(state["scaler"])
+    scaler.load_state_dict(state["scaler"])
     batches.load_state_dict(state["data"])
+    print(f"resumed from {folder} at step {state['step']}")
     random.setstate(state["rng"]["python"])
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"]["cuda"] and torch.cuda.is_available():
@@ -246,27 +252,36 @@ def main(argv=None):
     s = parse_settings(argv)
     random.seed(s.seed)
     torch.manual_seed(s.seed)
-    device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = distributed.setup(torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    rank, world = distributed.rank(), distributed.world_size()
     # bf16 autocast where the GPU has bf16; fp16 with loss scaling where it does not; fp32 on CPU
     if device.type == "cuda":
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         autocast = torch.autocast("cuda", dtype=amp_dtype)
-        scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     else:
-        amp_dtype, autocast, scaler = torch.float32, nullcontext(), None
+        amp_dtype, autocast = torch.float32, nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # a no-op when disabled
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
 
     # --- load, attach LoRA
     t0 = time.time()
-    model, tokenizer = load_model(resolve_model(s.model), device=device, dtype=amp_dtype, load_in_4bit=s.load_in_4bit)
+    with distributed.main_first():  # one download or conversion, not one per rank
+        path = resolve_model(s.model)
+    model, tokenizer = load_model(path, device=device, dtype=amp_dtype, load_in_4bit=s.load_in_4bit)
     attach_lora(model, s.targets, r=s.r, alpha=s.alpha, dropout=s.dropout, rslora=s.rslora)
     # auto: on a GPU memory decides what fits, and offloading costs no speed (README); a CPU has
     # memory to spare, so recomputing would only slow it down
     auto = "offload" if device.type == "cuda" else False
     model.grad_checkpointing = auto if s.grad_checkpointing == "auto" else s.grad_checkpointing
-    print(f"loaded {s.model} in {time.time() - t0:.1f}s on {device}; LoRA r={s.r} alpha={s.alpha} "
-          f"on {','.join(model.lora_config.targets)}: {summary(model)}")
+    print(f"loaded {s.model} in {time.time() - t0:.1f}s on {device}" + (f" x {world} ({s.parallel})" if world > 1 else "")
+          + f"; LoRA r={s.r} alpha={s.alpha} on {','.join(model.lora_config.targets)}: {summary(model)}")
+    if s.resume:
+        folder = latest_checkpoint(out) if s.resume == "latest" else Path(s.resume)
+        if not (folder / "trainer_state.pt").exists():
+            sys.exit(f"--resume: {folder} is not a checkpoint folder (no trainer_state.pt)")
+        load_adapter_weights(model, folder)  # before FSDP2 shards the LoRA matrices
+    train_model = distributed.parallelize(model, s.parallel)  # DDP around it, or sharded in place
 
     # --- data
     examples, stats = load_examples(s.data, tokenizer, s.seq_len, s.train_on_prompt)
@@ -275,12 +290,12 @@ def main(argv=None):
     pad_id = pad_token_id(tokenizer)
     batches = Batches(train_examples, s.batch_size, pad_id, s.seed, pack=s.pack, seq_len=s.seq_len)
     eval_batches = Batches(eval_examples, s.batch_size, pad_id, s.seed) if eval_examples else None
-    total_steps = s.max_steps or s.epochs * math.ceil(len(batches) / s.grad_accum)
+    total_steps = s.max_steps or s.epochs * math.ceil(len(batches) / (s.grad_accum * world))
     print(f"{len(train_examples)} train / {len(eval_examples)} held-out examples; {len(batches)} batches "
-          f"of {s.batch_size} per epoch; {total_steps} steps of {s.grad_accum} micro-batch(es)")
+          f"of {s.batch_size} per epoch; {total_steps} steps of {s.grad_accum} x {world} micro-batch(es)")
 
     # --- optimizer and schedule: linear warmup, then linear or cosine decay to zero
-    params = lora_parameters(model)
+    params = lora_parameters(model)  # after parallelize: FSDP2 makes them DTensors
     optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, fused=device.type == "cuda")
 
     def lr_factor(step):
@@ -290,16 +305,12 @@ def main(argv=None):
         return 1 - progress if s.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
-    step, last_checkpoint = 0, None
-    if s.resume:
-        folder = latest_checkpoint(out) if s.resume == "latest" else s.resume
-        step = load_checkpoint(folder, model, optimizer, scheduler, scaler, batches)
-        print(f"resumed from {folder} at step {step}")
-        last_checkpoint = folder
+    step = load_checkpoint(folder, model, optimizer, scheduler, scaler, batches) if s.resume else 0
+    last_checkpoint = folder if s.resume else None
 
     # --- before
     base_checksum = weights_checksum(model)
-    lora_before = [p.detach().clone() for p in params]
+    lora_before = [distributed.whole(p).detach().clone() for p in params]
     shown = eval_examples[:s.samples]
     if step == 0 and eval_batches:
         eval_before = evaluate(model, eval_batches, device, autocast)
@@ -308,21 +319,18 @@ def main(argv=None):
 
     # --- the loop
     model.train()
-    metrics = open(out / "metrics.jsonl", "a" if s.resume else "w")
+    metrics = open(out / "metrics.jsonl" if distributed.is_main() else os.devnull, "a" if s.resume else "w")
     stream = batches.forever()
     window_loss, window_tokens, window_seen, t_window, t_start = torch.zeros((), device=device), 0, 0, time.time(), time.time()
     start_step = step
     while step < total_steps:
-        micro_batches = [next(stream) for _ in range(s.grad_accum)]
-        loss_sum, n_label = accumulate_gradients(model, micro_batches, device, autocast, scaler)
-        if scaler:
-            scaler.unscale_(optimizer)
+        # the global window, as one process would draw it; this rank trains on every world-th
+        micro_batches = [next(stream) for _ in range(s.grad_accum * world)]
+        loss_sum, n_label = accumulate_gradients(train_model, micro_batches[rank::world], device, autocast, scaler)
+        scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         step += 1
@@ -332,14 +340,14 @@ def main(argv=None):
 
         is_last = step == total_steps
         if step % s.log_every == 0 or is_last or (s.save_every and step % s.save_every == 0):
-            loss = (window_loss / window_tokens).item()  # the one sync per logged step
+            loss = (distributed.sum_over_ranks(window_loss, device) / window_tokens).item()  # the one sync per logged step
             if not math.isfinite(loss):
                 kept = f"the last checkpoint, {last_checkpoint}, is intact" if last_checkpoint else "no checkpoint was written"
                 sys.exit(f"loss is {loss} at step {step} (lr {scheduler.get_last_lr()[0]:.3g}): stopping; {kept}")
             now = time.time()
             elapsed = now - t_start
             record = dict(step=step, total_steps=total_steps, loss=loss, lr=scheduler.get_last_lr()[0],
-                          grad_norm=grad_norm.item(), tokens_per_s=window_seen / (now - t_window),
+                          grad_norm=distributed.whole(grad_norm).item(), tokens_per_s=window_seen / (now - t_window),
                           peak_gib=peak_memory_gib(device), elapsed_s=elapsed,
                           eta_s=elapsed / (step - start_step) * (total_steps - step))
             if s.eval_every and eval_batches and (step % s.eval_every == 0 or is_last):
@@ -357,7 +365,9 @@ def main(argv=None):
     metrics.close()
 
     # --- save, and show what changed
-    save_adapter(model, out, s.model)
+    adapter = adapter_state(model)  # every rank: FSDP2's shards are gathered
+    if distributed.is_main():
+        save_adapter(model, out, s.model, adapter)
     print(f"adapter saved to {out}/ (PEFT format)")
     if eval_batches:
         eval_after = evaluate(model, eval_batches, device, autocast)
@@ -365,14 +375,14 @@ def main(argv=None):
             print(f"eval loss: {eval_before:.4f} before -> {eval_after:.4f} after")
             samples_after = sample_completions(model, tokenizer, shown, device, autocast)
             for ex, before, after in zip(shown, samples_before, samples_after):
-                prompt = ex.input_ids[:next(i for i, label in enumerate(ex.labels) if label != -100)]
+                prompt = ex.input_ids[:next(i for i, label in enumerate(ex.labels) if label != IGNORE)]
                 shown_prompt = " ".join(tokenizer.decode(prompt, skip_special_tokens=True).split())
                 print(f"\n--- ...{shown_prompt[-100:]}\n"
                       f"before: {before}\nafter:  {after}")
         else:
             print(f"eval loss after training: {eval_after:.4f}")
     # The check Unsloth's docs recommend: the frozen weights did not move, the adapter did.
-    lora_change = sum((p.detach() - p0).abs().sum().item() for p, p0 in zip(params, lora_before))
+    lora_change = sum((distributed.whole(p).detach() - p0).abs().sum().item() for p, p0 in zip(params, lora_before))
     base_after = weights_checksum(model)
     print(f"\nbase weights checksum {base_checksum:.6f} -> {base_after:.6f} "
           f"({'unchanged' if base_after == base_checksum else 'CHANGED'}); "
@@ -382,3 +392,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    distributed.close()

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from nanolora import ops
 from nanolora.files import atomic_path
 from nanolora.lora import LoRALinear
 from nanolora.model import Transformer, hf_key
@@ -51,16 +52,11 @@ def merged_tensors(model):
     produced = 0
     for module_name, module in model.named_modules():
         for attr in ("weight", "bias"):
-            # a Parameter, or a plain attribute (an NF4Weight is not a parameter)
-            value = module._parameters.get(attr, module.__dict__.get(attr))
+            # a 16-bit parameter, or an NF4Weight module (dequantized by ops.dense_weight)
+            value = module._parameters.get(attr, module._modules.get(attr))
             if value is None:
                 continue
-            if isinstance(value, torch.Tensor):
-                tensor = value.detach().float()
-            elif hasattr(value, "dequantize"):
-                tensor = value.dequantize(torch.float32)
-            else:
-                continue
+            tensor = ops.dense_weight(value, torch.float32)
             if attr == "weight" and isinstance(module, LoRALinear) and not module.merged:
                 tensor = tensor + module.delta_weight()
             key = hf_key(f"{module_name}.{attr}")

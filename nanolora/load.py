@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
+from nanolora import ops
 from nanolora.config import ModelConfig
 from nanolora.model import Linear, Transformer, hf_key
 from nanolora.nf4 import NF4Weight, quantize_nf4, read_bnb_quantization_config
@@ -198,8 +199,8 @@ def place_tensors(model: nn.Module, tensors, device, dtype, source: str, quantiz
                     raise ValueError(f"{where}: tensor {weight_key!r} has shape {list(weight.shape)} in its quant_state, "
                                      f"expected {list(getattr(module, attr).shape)} from the config")
                 if weight_key not in quantize:  # skipped, not a projection, or no quantization_config
-                    weight = nn.Parameter(weight.dequantize(dtype), requires_grad=False)
-                setattr(module, attr, weight)
+                    weight = nn.Parameter(ops.dequantize_nf4(weight, dtype), requires_grad=False)
+                _replace_weight(module, attr, weight)
             continue
         if key not in params:
             raise ValueError(f"{where}: unexpected tensor {key!r} (not a parameter of a "
@@ -214,13 +215,20 @@ def place_tensors(model: nn.Module, tensors, device, dtype, source: str, quantiz
         if key in quantize:
             weight = quantize_nf4(tensor, NF4_BLOCKSIZE, double_quant=True)
             del tensor  # the 16-bit copy goes as soon as its NF4 form exists
-            setattr(module, attr, weight)
+            _replace_weight(module, attr, weight)
         else:
             setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
     if params:
         missing = sorted(params)
         raise ValueError(f"{source}: checkpoint is missing {len(missing)} tensor(s): "
                          f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+
+
+def _replace_weight(module, attr, weight):
+    """Put `weight` (a parameter, or an NF4Weight module) where the meta placeholder parameter is:
+    nn.Module refuses to assign a module over a parameter of the same name, so drop it first."""
+    delattr(module, attr)
+    setattr(module, attr, weight)
 
 
 def _weight_key(key):

@@ -24,7 +24,7 @@ class LoRALinear(nn.Module):
     def __init__(self, weight, bias, r, alpha, dropout=0.0, rslora=False):
         super().__init__()
         out_features, in_features = weight.shape
-        self.weight = weight  # frozen: nn.Parameter(requires_grad=False) or an NF4Weight
+        self.weight = weight  # frozen: nn.Parameter(requires_grad=False) or an NF4Weight module
         self.bias = bias
         self.r, self.alpha, self.rslora = r, alpha, rslora
         self.scale = alpha / math.sqrt(r) if rslora else alpha / r
@@ -66,7 +66,9 @@ class LoRALinear(nn.Module):
             return
         if isinstance(self.weight, NF4Weight):
             dense = ops.dequantize_nf4(self.weight, torch.float32) + self.delta_weight()
-            self.weight = nn.Parameter(dense.to(dtype or self.weight.dtype), requires_grad=False)
+            dtype = dtype or self.weight.dtype
+            del self.weight  # the NF4 module; nn.Module would refuse a parameter in its place
+            self.weight = nn.Parameter(dense.to(dtype), requires_grad=False)
         else:
             self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
         self.merged = True
@@ -144,12 +146,14 @@ def unmerge_lora(model):
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total), counting each NF4 weight as the number of values it stands for."""
+    """(trainable, total). The total counts the weights a model of this config has (the same
+    model built on the meta device), so an NF4 weight counts the values it stands for, not
+    its packed bytes, and LoRA's matrices on top."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    # NF4 weights are not parameters; count those of LoRA layers and of plain projections alike
-    total += sum(m.weight.numel() for m in model.modules() if isinstance(getattr(m, "weight", None), NF4Weight))
-    return trainable, total
+    with torch.device("meta"):
+        base = Transformer(model.config)
+    lora = sum(p.numel() for p in lora_parameters(model))
+    return trainable, sum(p.numel() for p in base.parameters()) + lora
 
 
 def summary(model) -> str:

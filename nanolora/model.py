@@ -44,13 +44,9 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Module):
-    """A frozen projection y = x W^T + b whose W [out, in] is a 16-bit tensor or, for QLoRA,
-    an NF4Weight; `ops.projection` computes either.
-
-    nn.Linear would refuse an NF4Weight (not a tensor) in place of its `weight` parameter;
-    this one drops the parameter and keeps the NF4Weight as a plain attribute, so names stay
-    `weight` / `bias` in both cases. An NF4 weight is therefore not in parameters() or
-    state_dict(), and model.to() does not move it: load_model puts it on its device.
+    """A frozen projection y = x W^T + b whose W [out, in] is a 16-bit parameter or, for QLoRA,
+    an NF4Weight submodule (its packed codes and scales are frozen parameters); `ops.projection`
+    computes either. Both are registered, so model.to(), state_dict() and FSDP2 see them.
     """
 
     def __init__(self, in_features, out_features, bias):
@@ -58,11 +54,6 @@ class Linear(nn.Module):
         # left uninitialised: the model is built on the meta device and load_model fills it
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-
-    def __setattr__(self, name, value):
-        if name == "weight" and isinstance(value, NF4Weight):
-            self._parameters.pop("weight", None)
-        super().__setattr__(name, value)
 
     def forward(self, x):
         return ops.projection(x, self)

@@ -54,6 +54,7 @@ import json
 from functools import lru_cache
 
 import torch
+import torch.nn as nn
 
 # The 16 NF4 values, index 0..15 (bitsandbytes ``get_4bit_type("nf4")``). They are
 # create_normal_map(offset=0.9677083): 8 positive quantiles Phi^-1(linspace(offset, 0.5, 9))
@@ -100,30 +101,36 @@ def dynamic_code_signed() -> torch.Tensor:
 DYNAMIC_CODE = dynamic_code_signed()
 
 
-class NF4Weight:
+class NF4Weight(nn.Module):
     """A weight in NF4, laid out as bitsandbytes lays it out (see the module docstring).
 
     packed         uint8 [numel/2, 1]   two 4-bit code indices per byte, first in the high nibble
     absmax         uint8 [numel/blocksize] when double-quantized, else float32
     nested_absmax  float32 [ceil(n_blocks/256)]  (double quant only, else None)
     nested_code    float32 [256], the dynamic 8-bit code (double quant only, else None)
-    offset         float32 0-dim tensor, mean of the original absmax (double quant only)
+    offset         float32 [1], mean of the original absmax (double quant only)
     code           float32 [16], the NF4 code book
     shape, dtype   the original weight's shape and dtype (dequantize's default output dtype)
     blocksize      elements per absmax block (64)
+
+    A module whose tensors are frozen parameters: model.to() moves them, state_dict() holds them
+    (as `<projection>.weight.packed`, `.weight.absmax`, ...), and FSDP2 shards them like any
+    other parameter (all-gathered as bytes when the dtypes of a block differ). They are
+    parameters, not buffers, because FSDP2 shards only parameters. The offset is [1], not a
+    0-dim tensor: FSDP2 refuses scalar parameters. Do not call model.to(dtype) on a model
+    holding NF4 weights: it would cast the float32 scales and code books too.
     """
 
     def __init__(self, packed, absmax, code, shape, dtype, blocksize,
                  nested_absmax=None, nested_code=None, offset=None, nested_blocksize=NESTED_BLOCKSIZE):
-        self.packed = packed
-        self.absmax = absmax
-        self.code = code
+        super().__init__()
+        for name, tensor in (("packed", packed), ("absmax", absmax), ("code", code),
+                             ("nested_absmax", nested_absmax), ("nested_code", nested_code),
+                             ("offset", None if offset is None else offset.reshape(1))):
+            self.register_parameter(name, None if tensor is None else nn.Parameter(tensor, requires_grad=False))
         self.shape = torch.Size(shape)
         self.dtype = dtype
         self.blocksize = blocksize
-        self.nested_absmax = nested_absmax
-        self.nested_code = nested_code
-        self.offset = offset
         self.nested_blocksize = nested_blocksize
 
     @property
@@ -138,28 +145,16 @@ class NF4Weight:
         return self.shape.numel()
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        names = ("packed", "absmax", "code", "nested_absmax", "nested_code", "offset")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        return dict(self.named_parameters())
 
     @property
     def nbytes(self) -> int:
         """Bytes of all the tensors it holds (packed codes, scales, code books)."""
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
-    def to(self, device, non_blocking: bool = False) -> "NF4Weight":
-        moved = {n: t.to(device, non_blocking=non_blocking) for n, t in self.tensors().items()}
-        return NF4Weight(shape=self.shape, dtype=self.dtype, blocksize=self.blocksize,
-                         nested_blocksize=self.nested_blocksize,
-                         **{n: moved.get(n) for n in ("packed", "absmax", "code", "nested_absmax",
-                                                      "nested_code", "offset")})
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return dequantize_nf4(self, dtype)
-
-    def __repr__(self) -> str:
+    def extra_repr(self) -> str:
         dq = "double-quantized" if self.double_quant else "fp32 absmax"
-        return (f"NF4Weight(shape={list(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, "
-                f"{dq}, {self.nbytes} bytes, device={self.device})")
+        return f"shape={list(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, {dq}, {self.nbytes} bytes"
 
     # ---- bitsandbytes checkpoint interop -------------------------------------------------
 
@@ -248,7 +243,7 @@ class NF4Weight:
                             f" (one per {nested_blocksize} of the {n_blocks} absmax values)")
         return cls(absmax=absmax, nested_absmax=nested_absmax,
                    nested_code=get(f"{w}.nested_quant_map", torch.float32, 256),
-                   offset=torch.tensor(float(state["nested_offset"]), dtype=torch.float32, device=absmax.device),
+                   offset=torch.tensor([float(state["nested_offset"])], dtype=torch.float32, device=absmax.device),
                    nested_blocksize=nested_blocksize, **weight)
 
     def to_bnb_state(self, prefix: str) -> dict[str, torch.Tensor]:

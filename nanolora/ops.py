@@ -139,6 +139,13 @@ def dequantize_nf4(weight: NF4Weight, dtype):
     return nf4.dequantize_nf4(weight, dtype)
 
 
+def dense_weight(weight, dtype):
+    """A frozen weight as a dense tensor in `dtype`: a tensor cast (detached), an NF4Weight dequantized."""
+    if isinstance(weight, NF4Weight):
+        return dequantize_nf4(weight, dtype)
+    return weight.detach().to(dtype)
+
+
 class _NF4Linear(torch.autograd.Function):
     """y = x W^T + b with W held in NF4 and dequantized on the fly, in forward AND backward.
 

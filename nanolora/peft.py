@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from nanolora.distributed import whole
 from nanolora.files import atomic_path
 from nanolora.config import LoRAConfig
 from nanolora.lora import attach_lora, lora_layers, parse_targets
@@ -28,16 +29,18 @@ def peft_key(module_name: str, matrix: str) -> str:
 
 
 def adapter_state(model) -> dict:
-    """The LoRA tensors of `model` under PEFT's key names (fp32 copies on the CPU)."""
+    """The LoRA tensors of `model` under PEFT's key names (fp32 copies on the CPU). Under FSDP2
+    the shards are gathered: every rank calls this."""
     state = {}
     for name, layer in lora_layers(model):
-        state[peft_key(name, "lora_A")] = layer.lora_A.detach().float().cpu().contiguous()
-        state[peft_key(name, "lora_B")] = layer.lora_B.detach().float().cpu().contiguous()
+        state[peft_key(name, "lora_A")] = whole(layer.lora_A.detach()).float().cpu().contiguous()
+        state[peft_key(name, "lora_B")] = whole(layer.lora_B.detach()).float().cpu().contiguous()
     return state
 
 
-def save_adapter(model, folder, base_model_name_or_path=None):
-    """Write `model`'s adapter into `folder` (created if needed), each file atomically."""
+def save_adapter(model, folder, base_model_name_or_path=None, state=None):
+    """Write `model`'s adapter (or `state`, adapter_state's result) into `folder` (created if
+    needed), each file atomically."""
     cfg = model.lora_config
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM",
@@ -50,7 +53,7 @@ def save_adapter(model, folder, base_model_name_or_path=None):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / WEIGHTS_FILE) as tmp:
-        save_file(adapter_state(model), tmp, metadata={"format": "pt"})
+        save_file(adapter_state(model) if state is None else state, tmp, metadata={"format": "pt"})
     with atomic_path(folder / CONFIG_FILE) as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n")
 

@@ -54,6 +54,7 @@ def make_layer(in_features, out_features, r, dtype, nf4=False, bias=False, seed=
     bias = None if b is None else nn.Parameter(b, requires_grad=False)
     if r is None:
         layer = Linear(in_features, out_features, bias=bias is not None)
+        del layer.weight  # nn.Module refuses a module (an NF4Weight) over the placeholder parameter
         layer.weight, layer.bias = weight, bias
         return layer
     layer = LoRALinear(weight, bias, r, alpha=2 * r)

@@ -85,7 +85,7 @@ def test_quantize_and_dequantize_equal_bitsandbytes(shape, dtype, double_quant):
     assert torch.equal(q.code, state.code)
     if double_quant:
         assert q.absmax.dtype == torch.uint8
-        assert torch.equal(q.offset, state.offset)
+        assert torch.equal(q.offset, state.offset.reshape(1))
         assert torch.equal(q.nested_absmax, state.state2.absmax)
         assert torch.equal(q.nested_code, state.state2.code)
         assert q.nested_blocksize == state.state2.blocksize == 256
@@ -97,7 +97,7 @@ def test_quantize_and_dequantize_equal_bitsandbytes(shape, dtype, double_quant):
         ours = dequantize_nf4(q, out_dtype)
         assert ours.dtype == out_dtype and ours.shape == w.shape
         assert torch.equal(ours, bnb_dequantize(packed, state, out_dtype)), out_dtype
-    assert torch.equal(q.dequantize(), bnb_dequantize(packed, state, dtype))  # default: original dtype
+    assert torch.equal(dequantize_nf4(q), bnb_dequantize(packed, state, dtype))  # default: original dtype
 
 
 @pytest.mark.parametrize("blocksize", [32, 128, 256])
@@ -106,8 +106,8 @@ def test_other_blocksizes_equal_bitsandbytes(blocksize):
     packed, state = bnb_quantize(w, True, blocksize)
     q = quantize_nf4(w, blocksize=blocksize)
     assert torch.equal(q.packed, packed) and torch.equal(q.absmax, state.absmax)
-    assert torch.equal(q.nested_absmax, state.state2.absmax) and torch.equal(q.offset, state.offset)
-    assert torch.equal(q.dequantize(torch.float32), bnb_dequantize(packed, state, torch.float32))
+    assert torch.equal(q.nested_absmax, state.state2.absmax) and torch.equal(q.offset, state.offset.reshape(1))
+    assert torch.equal(dequantize_nf4(q, torch.float32), bnb_dequantize(packed, state, torch.float32))
 
 
 def test_packing_layout():
@@ -194,7 +194,7 @@ def test_bnb_state_round_trip(tmp_path, dtype, double_quant):
     assert loaded.double_quant == double_quant
     for name, tensor in q.tensors().items():
         assert torch.equal(getattr(loaded, name), tensor), name
-    assert torch.equal(loaded.dequantize(), q.dequantize())
+    assert torch.equal(dequantize_nf4(loaded), dequantize_nf4(q))
     assert list(loaded.to_bnb_state(PREFIX)) == list(expected)
 
 
@@ -208,7 +208,7 @@ def test_bnb_state_with_wider_quant_storage():
     assert state[f"{PREFIX}.weight"].dtype == torch.bfloat16
     loaded = NF4Weight.from_bnb_state(state, PREFIX, source="fsdp.safetensors")
     assert torch.equal(loaded.packed, quantize_nf4(w).packed)
-    assert torch.equal(loaded.dequantize(), quantize_nf4(w).dequantize())
+    assert torch.equal(dequantize_nf4(loaded), dequantize_nf4(quantize_nf4(w)))
 
 
 def test_transformers_save_pretrained_checkpoint(tmp_path):
@@ -235,7 +235,7 @@ def test_transformers_save_pretrained_checkpoint(tmp_path):
     for prefix in prefixes:
         loaded = NF4Weight.from_bnb_state(saved, prefix, source=path)
         module = model.get_submodule(prefix)
-        assert torch.equal(loaded.dequantize(), bnb_functional.dequantize_4bit(
+        assert torch.equal(dequantize_nf4(loaded), bnb_functional.dequantize_4bit(
             module.weight.data, module.weight.quant_state, quant_type="nf4"))
         ours = quantize_nf4(fp_weights[f"{prefix}.weight"].to(torch.bfloat16)).to_bnb_state(prefix)
         written = {k: v for k, v in saved.items() if k.startswith(f"{prefix}.weight")}
@@ -251,12 +251,14 @@ def test_nf4weight_container():
     n_blocks = w.numel() // 64
     assert q.nbytes == w.numel() // 2 + n_blocks + 4 * (-(-n_blocks // 256)) + 4 * 256 + 4 * 16 + 4
     assert quantize_nf4(w, double_quant=False).nbytes == w.numel() // 2 + 4 * n_blocks + 4 * 16
-    moved = q.to("cpu")
-    assert moved is not q and torch.equal(moved.dequantize(), q.dequantize())
-    assert torch.equal(q.dequantize(torch.float32), dequantize_nf4(q, torch.float32))
+    # registered, frozen tensors: state_dict() and model.to() see them (to() moves in place)
+    assert set(q.state_dict()) == {"packed", "absmax", "code", "nested_absmax", "nested_code", "offset"}
+    assert not any(p.requires_grad for p in q.parameters())
+    assert q.to("meta") is q and q.packed.is_meta and q.offset.is_meta
+    q = quantize_nf4(w)
     assert "NF4Weight(shape=[128, 320]" in repr(q)
     # quantizing the dequantized weight again changes nothing (codes are fixed points)
-    again = quantize_nf4(q.dequantize(torch.float32), double_quant=False)
+    again = quantize_nf4(dequantize_nf4(q, torch.float32), double_quant=False)
     assert torch.equal(again.packed, quantize_nf4(w, double_quant=False).packed)
 
 

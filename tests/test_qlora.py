@@ -350,6 +350,11 @@ def test_memory_accounting(quantized):
     projection_weights = {f"model.layers.{i}.{p}.weight" for i in range(cfg.n_layers) for p in PROJECTIONS}
     kept = {n: p for n, p in ref.named_parameters() if n not in projection_weights}
     params = dict(model.named_parameters())
+    nf4_parts = {n for n in params if ".weight." in n}  # registered: <projection>.weight.packed, ...
+    assert nf4_parts == {f"{name}.weight.{part}" for name in weights for part in
+                         ("packed", "absmax", "code", "nested_absmax", "nested_code", "offset")}
+    assert all(not params[n].requires_grad for n in nf4_parts)
+    params = {n: p for n, p in params.items() if n not in nf4_parts}
     assert {f"model.{n}" if not n.startswith("lm_head") else n for n in params} == set(kept)
     assert sum(p.numel() * p.element_size() for p in params.values()) == \
         sum(p.numel() * 4 for p in kept.values())  # fp32 here; bf16 on a GPU

@@ -50,7 +50,8 @@ def test_gradient_accumulation_is_exact(checkpoint, tmp_path):
         return [batches.batch(0, i) for i in range(len(batches))]
 
     def exact(model, mbs):
-        train.accumulate_gradients(model, mbs, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+        train.accumulate_gradients(model, mbs, torch.device("cpu"), torch.autocast("cpu", enabled=False),
+                                   torch.amp.GradScaler("cpu", enabled=False))
 
     def mean_of_means(model, mbs):
         for mb in mbs:
