@@ -33,12 +33,13 @@ model.grad_checkpointing = "offload"
 model.train()
 optimizer = torch.optim.AdamW(lora_parameters(model), lr=2e-4, fused=True)
 autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+no_scaling = torch.amp.GradScaler("cuda", enabled=False)  # bf16 needs no loss scaling
 ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda")
 batch = {"input_ids": ids, "labels": ids, "attention_mask": None, "position_ids": None, "segment_ids": None}
 
 
 def step():
-    accumulate_gradients(model, [batch], torch.device("cuda"), autocast)
+    accumulate_gradients(model, [batch], torch.device("cuda"), autocast, no_scaling)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

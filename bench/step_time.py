@@ -35,10 +35,11 @@ def nanolora_setup(path, args):
     model.train()
     optimizer = torch.optim.AdamW(lora_parameters(model), lr=2e-4, fused=True)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    no_scaling = torch.amp.GradScaler("cuda", enabled=False)  # bf16 needs no loss scaling
 
     def step(ids):
         batch = {"input_ids": ids, "labels": ids, "attention_mask": None, "position_ids": None, "segment_ids": None}
-        loss_sum, n = accumulate_gradients(model, [batch], torch.device("cuda"), autocast)
+        loss_sum, n = accumulate_gradients(model, [batch], torch.device("cuda"), autocast, no_scaling)
         torch.nn.utils.clip_grad_norm_(lora_parameters(model), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
