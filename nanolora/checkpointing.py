@@ -72,8 +72,12 @@ class BlockInputOffloader:
 
     def hooks(self, block_input):
         """Saved-tensor hooks for the checkpoint call of the block whose input is block_input."""
+        # the hooks outlive the forward (autograd keeps unpack with the saved tensor), so they
+        # must not hold block_input itself: that would keep it on the GPU
+        input_ptr, input_shape = block_input.data_ptr(), block_input.shape
+
         def pack(tensor):
-            if tensor.data_ptr() != block_input.data_ptr() or tensor.shape != block_input.shape:
+            if tensor.data_ptr() != input_ptr or tensor.shape != input_shape:
                 return tensor
             offloaded = _OffloadedInput(tensor, self.stream)
             self.inputs.append(offloaded)
