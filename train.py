@@ -47,7 +47,7 @@ DEFAULTS = dict(
     epochs=1,
     lr=1e-3, schedule="cosine", warmup_steps=4, weight_decay=0.0, max_grad_norm=1.0,
     seed=1337,
-    grad_checkpointing="auto",  # false | true | offload (block inputs wait in CPU memory) | auto: offload on a GPU
+    grad_checkpointing="auto",  # false | true | offload (experimental: inputs wait in CPU memory) | auto
     eval_size=24,               # held-out examples (or a fraction, e.g. 0.05)
     eval_every=0,               # steps; 0 = only before and after training
     log_every=5, save_every=15,  # steps; save_every 0 = only the final adapter
@@ -270,9 +270,9 @@ def main(argv=None):
         path = resolve_model(s.model)
     model, tokenizer = load_model(path, device=device, dtype=amp_dtype, load_in_4bit=s.load_in_4bit)
     attach_lora(model, s.targets, r=s.r, alpha=s.alpha, dropout=s.dropout, rslora=s.rslora)
-    # auto: on a GPU memory decides what fits, and offloading costs no speed (README); a CPU has
-    # memory to spare, so recomputing would only slow it down
-    auto = "offload" if device.type == "cuda" else False
+    # auto: checkpoint on a GPU, where memory decides what fits (offload is not yet faster or
+    # leaner there, README); not on a CPU, which has memory to spare
+    auto = device.type == "cuda"
     model.grad_checkpointing = auto if s.grad_checkpointing == "auto" else s.grad_checkpointing
     print(f"loaded {s.model} in {time.time() - t0:.1f}s on {device}" + (f" x {world} ({s.parallel})" if world > 1 else "")
           + f"; LoRA r={s.r} alpha={s.alpha} on {','.join(model.lora_config.targets)}: {summary(model)}")

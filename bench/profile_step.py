@@ -29,7 +29,7 @@ args = parser.parse_args()
 
 model, _ = load_model(args.checkpoint, device="cuda", dtype=torch.bfloat16, load_in_4bit=args.nf4)
 attach_lora(model, "all", r=16, alpha=16)
-model.grad_checkpointing = "offload"
+model.grad_checkpointing = True
 model.train()
 optimizer = torch.optim.AdamW(lora_parameters(model), lr=2e-4, fused=True)
 autocast = torch.autocast("cuda", dtype=torch.bfloat16)

@@ -5,9 +5,10 @@
 
 A config is model:weights:batchxseq (model 8b = Llama-3-8B shapes, 1b = Llama-3.2-1B shapes).
 System `nanolora-ref` is nanolora with NANOLORA_KERNELS=0 (the torch references, no fused
-kernels), so one table shows what the kernels buy; `nanolora-keep` keeps the checkpointed block
-inputs on the GPU instead of offloading them (what offloading costs in speed, saves in memory). HF is skipped from 32k tokens on (it needs
-~61 GiB and minutes per step there; PEERS.md has its number).
+kernels), so one table shows what the kernels buy; `nanolora-offload` offloads the checkpointed
+block inputs to CPU memory instead of keeping them on the GPU (--grad_checkpointing offload).
+HF is skipped from 32k tokens on (it needs ~61 GiB and minutes per step there; PEERS.md has
+its number).
 
 For each (weights, batch x seq) config, each system runs in its own process
 (bench/step_time.py: load, LoRA r=16 on all seven projections, gradient checkpointing,
@@ -25,7 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 NAMES = {"nanolora": "nanolora", "nanolora-ref": "nanolora, NANOLORA_KERNELS=0",
-         "nanolora-keep": "nanolora, inputs kept on GPU (--grad_checkpointing true)",
+         "nanolora-offload": "nanolora, --grad_checkpointing offload",
          "hf": "HF transformers + PEFT (+ bnb)", "unsloth": "Unsloth"}
 CHECKPOINTS = {"8b": ("/tmp/llama8b", "llama3-8b"), "1b": ("/tmp/llama1b", "llama3.2-1b")}
 DEFAULT_CONFIGS = "8b:nf4:2x2048,8b:bf16:2x2048,8b:nf4:1x8192,1b:nf4:4x2048,8b:nf4:1x32768"
@@ -52,7 +53,8 @@ def main():
             env = {**os.environ, "PYTHONUNBUFFERED": "1", "NANOLORA_KERNELS": "0" if system == "nanolora-ref" else "1"}
             cmd = [sys.executable, HERE / "step_time.py", system.split("-")[0], checkpoint, "--batch", batch, "--seq", seq]
             cmd += ["--nf4"] if weights == "nf4" else []
-            cmd += ["--checkpointing", "true"] if system == "nanolora-keep" else []
+            if system.startswith("nanolora"):
+                cmd += ["--checkpointing", "offload" if system == "nanolora-offload" else "true"]
             run = subprocess.run(cmd, capture_output=True, text=True, env=env)
             lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
             if run.returncode or not lines:

@@ -94,7 +94,7 @@ def main():
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--nf4", action="store_true")
     parser.add_argument("--checkpointing", choices=["true", "offload"],
-                        default=os.environ.get("NANOLORA_BENCH_CHECKPOINTING", "offload"),
+                        default=os.environ.get("NANOLORA_BENCH_CHECKPOINTING", "true"),
                         help="nanolora's gradient checkpointing (Unsloth offloads, HF keeps inputs on the GPU)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
