@@ -60,7 +60,8 @@ def recorded_base(adapter):
     """The base_model_name_or_path the adapter's config records, or None."""
     file = Path(adapter) / CONFIG_FILE
     try:
-        return json.loads(file.read_text()).get("base_model_name_or_path")
+        base = json.loads(file.read_text()).get("base_model_name_or_path")
+        return base if isinstance(base, str) else None
     except (OSError, ValueError, AttributeError):
         return None  # load_model reads the file again and says what is wrong with it
 

@@ -31,6 +31,7 @@ from nanolora.files import atomic_path
 from nanolora.lora import attach_lora, lora_parameters, parse_targets, summary
 from nanolora.peft import adapter_state, load_adapter_weights, save_adapter
 from nanolora.samples import format_samples, generate_samples
+from nanolora.tracking import REPORT_TO, Tracker, plot_loss
 
 # ----------------------------------------------------------------------------- settings
 DEFAULTS = dict(
@@ -56,8 +57,9 @@ DEFAULTS = dict(
     resume="",                  # a checkpoint folder, or "latest" in --out
     device="",                  # default: cuda if available, else cpu
     parallel="ddp",             # under torchrun: ddp replicates the frozen base, fsdp shards it (FSDP2)
+    report_to="none",           # also log to tensorboard (in <out>/tensorboard) or wandb
 )
-CHOICES = dict(schedule=("linear", "cosine"), parallel=("ddp", "fsdp"))
+CHOICES = dict(schedule=("linear", "cosine"), parallel=("ddp", "fsdp"), report_to=REPORT_TO)
 
 
 def parse_settings(argv=None):
@@ -225,6 +227,7 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # a no-op when disabled
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(s.report_to if distributed.is_main() else "none", out, vars(s))  # rank 0 reports
 
     # --- load, attach LoRA
     t0 = time.time()
@@ -273,12 +276,13 @@ def main(argv=None):
     # --- before
     base_checksum = weights_checksum(model)
     lora_before = [distributed.whole(p).detach().clone() for p in params]
-    shown = eval_examples[:s.samples]
+    shown, eval_points = eval_examples[:s.samples], []  # eval_points: (step, eval loss) for the loss curve
     if step == 0 and eval_batches:
         eval_before = evaluate(model, eval_batches, device, autocast)
         with distributed.unsharded(model):  # FSDP2: every rank runs it
             samples_before = generate_samples(model, tokenizer, shown, device, autocast, pad_id)
         print(f"eval loss before training: {eval_before:.4f}")
+        eval_points.append((0, eval_before))
 
     # --- the loop
     model.train()
@@ -323,6 +327,7 @@ def main(argv=None):
                   + (f" | eval loss {record['eval_loss']:.4f}" if "eval_loss" in record else ""))
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
+            tracker.log(record)
             window_loss, window_tokens, window_seen, t_window = torch.zeros((), device=device), 0, 0, time.time()
             if s.save_every and step % s.save_every == 0:
                 last_checkpoint = out / f"checkpoint-{step}"
@@ -336,11 +341,14 @@ def main(argv=None):
     print(f"adapter saved to {out}/ (PEFT format)")
     if eval_batches:
         eval_after = evaluate(model, eval_batches, device, autocast)
+        eval_points.append((step, eval_after))
         if start_step == 0:
             print(f"eval loss: {eval_before:.4f} before -> {eval_after:.4f} after")
             with distributed.unsharded(model):  # FSDP2: every rank runs it
                 samples_after = generate_samples(model, tokenizer, shown, device, autocast, pad_id)
-            print("\n" + format_samples(shown, samples_before, samples_after))
+            shown_text = format_samples(shown, samples_before, samples_after)
+            print("\n" + shown_text)
+            tracker.text("samples", shown_text)
         else:
             print(f"eval loss after training: {eval_after:.4f}")
     # The check Unsloth's docs recommend: the frozen weights did not move, the adapter did.
@@ -349,6 +357,9 @@ def main(argv=None):
     print(f"\nbase weights checksum {base_checksum:.6f} -> {base_after:.6f} "
           f"({'unchanged' if base_after == base_checksum else 'CHANGED'}); "
           f"LoRA weights sum |after - before| = {lora_change:.4f} ({'changed' if lora_change > 0 else 'UNCHANGED'})")
+    tracker.close()
+    if distributed.is_main() and plot_loss(out / "metrics.jsonl", out / "loss.png", eval_points):
+        print(f"loss curve: {out / 'loss.png'}")
     return model
 
 

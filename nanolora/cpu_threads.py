@@ -14,6 +14,8 @@ import time
 
 import torch
 
+TORCH_DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, before anyone changes it: the physical cores
+
 
 def _busy_cpu_seconds():
     """(seconds any core spent busy since boot, over all cores), or None without /proc/stat."""
@@ -31,7 +33,7 @@ class CPUThreads:
     previous call, and returns it."""
 
     def __init__(self):
-        self.max_threads = torch.get_num_threads()  # torch's own choice: the physical cores it may use
+        self.max_threads = TORCH_DEFAULT_THREADS
         self.enabled = "OMP_NUM_THREADS" not in os.environ and _busy_cpu_seconds() is not None
         self._mark()
 

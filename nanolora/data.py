@@ -354,7 +354,7 @@ class Batches:
     `group_by_length`: a batch is padded to its longest row, so batches of rows of similar
     length waste less; each epoch's shuffled rows are cut into windows of 64 batches, each
     window sorted by length and batched, and the batches shuffled. (The default run's rows are
-    29 to 256 tokens long: grouped, its padding falls from 36% of the tokens to 2%.)
+    60 to 256 tokens long: grouped, its padding falls from 35% of the tokens to 0.9%.)
 
     `for batch in batches` yields the rest of the current epoch; `batches.forever()` runs on
     across epochs (for max_steps runs). The position moves on as each batch is handed out, so

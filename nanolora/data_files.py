@@ -40,7 +40,8 @@ def data_files(source, split: str = "") -> list[Path]:
         return [path]
     if path.is_dir():
         root = path
-    elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) and not str(source).startswith("."):
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) and not str(source).startswith(".") \
+            and path.suffix not in SUFFIXES:  # "data/chats.jsonl" is a missing file, not a dataset
         root = _download_dataset(str(source))
     else:
         raise FileNotFoundError(f"{source}: no such file or folder, and not a hub dataset id like 'org/name'")

@@ -207,8 +207,10 @@ def projection_reference(x, layer):
     if not has_lora(layer):
         return base
     lora_x = layer.dropout(x)
-    update = F.linear(F.linear(lora_x, layer.lora_A.to(lora_x.dtype)), layer.lora_B.to(lora_x.dtype))
-    return base + layer.scale * update
+    # the scale multiplies the rank-r intermediate, r columns instead of out_features (on a CPU
+    # the [tokens, out] multiply, forward and backward, cost ~3% of a default-run step)
+    low_rank = F.linear(lora_x, layer.lora_A.to(lora_x.dtype)) * layer.scale
+    return base + F.linear(low_rank, layer.lora_B.to(lora_x.dtype))
 
 
 def _fused_projection(layer, dtype):

@@ -134,6 +134,8 @@ def test_unusable_parquet_and_paths(tok, tmp_path):
         load_examples(tmp_path / "corrupt.parquet", tok, seq_len=64)
     with pytest.raises(FileNotFoundError, match=r"nowhere/at/all.jsonl: no such file or folder"):
         load_examples(tmp_path / "nowhere" / "at" / "all.jsonl", tok, seq_len=64)
+    with pytest.raises(FileNotFoundError, match=r"^missing/chats.jsonl: no such file"):  # not taken for a dataset id
+        load_examples("missing/chats.jsonl", tok, seq_len=64)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"empty: no .jsonl, .json, .parquet files"):
         load_examples(tmp_path / "empty", tok, seq_len=64)
