@@ -13,8 +13,8 @@ def prompt_ids(example) -> list[int]:
 @torch.no_grad()
 def generate_samples(model, tokenizer, examples, device, autocast, pad_id, max_new_tokens=48) -> list[str]:
     """Greedy completions of each example's prompt, all prompts in one left-padded batch: a
-    decoding step on a CPU costs about the same for one row as for a few (it is bound by
-    reading the weights), so three samples take a third of the time one by one does."""
+    decoding step reads every weight once however many rows it holds, so a few rows cost
+    little more than one."""
     if not examples:
         return []
     was_training = model.training
