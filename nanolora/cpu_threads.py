@@ -33,7 +33,8 @@ class CPUThreads:
     previous call, and returns it."""
 
     def __init__(self):
-        self.max_threads = TORCH_DEFAULT_THREADS
+        # the processes torchrun starts on this machine share its cores
+        self.max_threads = max(1, TORCH_DEFAULT_THREADS // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         self.enabled = "OMP_NUM_THREADS" not in os.environ and _busy_cpu_seconds() is not None
         self._mark()
 

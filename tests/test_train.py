@@ -170,6 +170,7 @@ def test_cpu_threads_leave_busy_cores_alone(monkeypatch):
     monkeypatch.setattr(cpu_threads, "_busy_cpu_seconds", lambda: busy[0])
     monkeypatch.setattr(cpu_threads.os, "cpu_count", lambda: 2)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(cpu_threads, "TORCH_DEFAULT_THREADS", 2)
     before = torch.get_num_threads()
     try:
