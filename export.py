@@ -5,13 +5,15 @@
     python export.py --base MODEL --adapter out/ --format gguf      --out model.gguf [--quant q4_k_m]
     python export.py --base MODEL --adapter out/ --format gguf-lora --out adapter.gguf [--quant f32]
 
-MODEL is what the adapter was trained on: an HF folder, a hub id or a .gguf file. Outputs
+MODEL is what the adapter was trained on: an HF folder, a hub id or a .gguf file; without
+--base, the base_model_name_or_path that adapter_config.json records (as peft does). Outputs
 appear only once complete (written under a temporary name, then renamed); an existing
 output is replaced only with --force. GGUF --quant: f32, f16 (default), bf16, q8_0, q4_0,
 q4_k, q6_k (every 2-D weight in that type) or q4_k_m (llama.cpp's mix: see
 nanolora/gguf_write.py); gguf-lora: f32 (default), f16, bf16, q8_0.
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -19,17 +21,19 @@ import torch
 
 from nanolora import load_model
 from nanolora.checkpoint import DTYPES, parse_size, save_merged
+from nanolora.default_model import resolve_model
 from nanolora.files import atomic_path
 from nanolora.gguf_write import LORA_QUANTS, QUANTS, write_gguf_lora, write_gguf_model
 from nanolora.load import resolve_checkpoint
-from nanolora.peft import save_adapter
+from nanolora.peft import CONFIG_FILE, save_adapter
 
 FORMATS = ("peft", "merged", "gguf", "gguf-lora")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--base", required=True, help="the base model: HF folder, hub id or .gguf file")
+    parser.add_argument("--base", help="the base model: HF folder, hub id or .gguf file "
+                                       "(default: the adapter's base_model_name_or_path)")
     parser.add_argument("--adapter", required=True, help="the PEFT adapter folder train.py wrote")
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--out", required=True, help="output folder (peft, merged) or file (gguf, gguf-lora)")
@@ -52,12 +56,21 @@ def parse_args(argv=None):
     return args
 
 
+def recorded_base(adapter):
+    """The base_model_name_or_path the adapter's config records, or None."""
+    file = Path(adapter) / CONFIG_FILE
+    try:
+        base = json.loads(file.read_text()).get("base_model_name_or_path")
+        return base if isinstance(base, str) else None
+    except (OSError, ValueError, AttributeError):
+        return None  # load_model reads the file again and says what is wrong with it
+
+
 def stored_dtype(base):
     """The dtype the base checkpoint holds (config.json's dtype / torch_dtype), so that loading
     it neither rounds nor doubles its size; fp32 when unknown (and for GGUF files)."""
     if str(base).endswith(".gguf"):
         return torch.float32
-    import json
     config = json.loads((resolve_checkpoint(base) / "config.json").read_text())
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
@@ -74,14 +87,18 @@ def main(argv=None):
         raise FileExistsError(f"{out} already exists (pass --force to replace it)")
     if not Path(args.adapter).is_dir():
         raise FileNotFoundError(f"--adapter {args.adapter}: no such adapter folder")
+    base_name = args.base or recorded_base(args.adapter)
+    if not base_name:
+        raise ValueError(f"--adapter {args.adapter}: {CONFIG_FILE} records no base_model_name_or_path; pass --base")
+    base = resolve_model(base_name)  # the default run's model offline too, as train.py found it
 
     # the base with the adapter attached; load_model checks that every LoRA matrix fits it
-    model, tokenizer = load_model(args.base, device="cpu", dtype=stored_dtype(args.base), adapter=args.adapter)
-    source = args.base if str(args.base).endswith(".gguf") else resolve_checkpoint(args.base)
-    name = Path(str(args.base).rstrip("/")).stem
+    model, tokenizer = load_model(base, device="cpu", dtype=stored_dtype(base), adapter=args.adapter)
+    source = base if str(base).endswith(".gguf") else resolve_checkpoint(base)
+    name = Path(str(base_name).rstrip("/")).stem
     if args.format == "peft":
         with atomic_path(out) as tmp:
-            save_adapter(model, tmp, base_model_name_or_path=args.base)
+            save_adapter(model, tmp, base_model_name_or_path=base_name)
     elif args.format == "merged":
         save_merged(model, tokenizer, out, DTYPES[args.dtype], args.shard_size, source, show_progress)
     elif args.format == "gguf":

