@@ -100,7 +100,7 @@ def test_k_quants_match_llama_cpp(trained, gguf_files, tmp_path, family, capsys)
     ref = reference_tensors(info)
     f16 = gguf.GGUFReader(gguf_files(family, "f16"))
     f16_values = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in f16.tensors}
-    from nanolora.gguf_quants import quantize
+    from nanolora.gguf_quantize import quantize
     lines = []
     for quant, ftype, pure in [("q4_k_m", 15, False), ("q4_k", 14, True), ("q6_k", 18, True)]:
         theirs = {t.name: t for t in gguf.GGUFReader(

@@ -12,7 +12,8 @@ from export_fixtures import llama_cpp_quantize, needs_llama_cpp
 from gguf_fixtures import rewrite_gguf
 from hf_fixtures import save_checkpoint
 from nanolora import load_model
-from nanolora.gguf_quants import dequantize, quantize
+from nanolora.gguf_quantize import quantize
+from nanolora.gguf_quants import dequantize
 from nanolora.gguf_write import write_gguf_model
 
 COLS = 256  # one K-quant block, eight 32-blocks per row
