@@ -133,11 +133,19 @@ def _plain(dtype):
     return lambda blocks: blocks.to(dtype).contiguous().view(torch.uint8)
 
 
+def _c_to_int(v):
+    """C's float -> int8_t / uint8_t conversion as x86 does it: truncation (cvttss2si), except
+    that NaN and +-inf give 0x80000000, whose low byte is 0. They come up where a block's
+    scale is an fp32 subnormal and 1/d overflows; CUDA would saturate instead, so it is spelled
+    out. Returns float32 integers."""
+    return torch.where(torch.isfinite(v), torch.trunc(v), torch.zeros_like(v))
+
+
 def _q8_0(x):
     """quantize_row_q8_0_ref: d = max|x| / 127, q = roundf(x / d)."""
     d = x.abs().amax(1) / _const(127.0, x)
     scaled = (x * _reciprocal_or_zero(d)[:, None]).double()
-    q = (torch.floor(scaled.abs() + 0.5).copysign(scaled)).to(torch.int8)
+    q = _c_to_int(torch.floor(scaled.abs() + 0.5).copysign(scaled)).to(torch.int8)
     return torch.cat([_f16_bytes(d), q.view(torch.uint8)], 1)
 
 
@@ -146,18 +154,20 @@ def _q4_0_or_q5_0(x, n_levels):
     value maps to q = 0 exactly; q = min(n_levels - 1, trunc(x / d + n_levels/2 + 0.5))."""
     half = n_levels // 2
     d = _signed_max(x, 1) / _const(-half, x)
-    q = torch.clamp(torch.trunc(x * _reciprocal_or_zero(d)[:, None] + (half + 0.5)), max=n_levels - 1)
-    q = q.to(torch.uint8)
+    q = _c_to_int(x * _reciprocal_or_zero(d)[:, None] + (half + 0.5)).clamp(max=n_levels - 1).to(torch.uint8)
     if n_levels == 16:
         return torch.cat([_f16_bytes(d), _pack_nibbles(q)], 1)
     return torch.cat([_f16_bytes(d), _pack_fifth_bits(q), _pack_nibbles(q)], 1)
 
 
 def _q5_1(x):
-    """quantize_row_q5_1_ref: d = (max - min) / 31, m = min, q = trunc((x - min) / d + 0.5)."""
-    xmin, xmax = x.amin(1), x.amax(1)
+    """quantize_row_q5_1_ref: d = (max - min) / 31, m = min, q = trunc((x - min) / d + 0.5).
+    min and max are the first of their value, as the C loop keeps them (the sign of a zero min
+    is stored)."""
+    xmin = x.gather(1, x.argmin(1, keepdim=True)).squeeze(1)
+    xmax = x.gather(1, x.argmax(1, keepdim=True)).squeeze(1)
     d = (xmax - xmin) / _const(31.0, x)
-    q = torch.trunc((x - xmin[:, None]) * _reciprocal_or_zero(d)[:, None] + 0.5).to(torch.uint8)
+    q = _c_to_int((x - xmin[:, None]) * _reciprocal_or_zero(d)[:, None] + 0.5).to(torch.uint8)
     return torch.cat([_f16_bytes(d), _f16_bytes(xmin), _pack_fifth_bits(q), _pack_nibbles(q)], 1)
 
 
@@ -185,9 +195,11 @@ def _make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep):
     diff = torch.empty_like(x)
 
     def round_to_grid(iscale, low, out):
-        # C: MAX(0, MIN(nmax, nearest_int(iscale * (x[i] - min))))
+        # C: MAX(0, MIN(nmax, nearest_int(iscale * (x[i] - min)))). Where max - min is an fp32
+        # subnormal, iscale is inf and nearest_int's bit trick turns inf and NaN (inf * 0)
+        # into a negative number: L = 0. An iscale of 0 gives the same, and no inf in the sums.
         torch.sub(x, low, out=out)
-        return out.mul_(iscale).round_().clamp_(0, nmax)
+        return out.mul_(torch.where(torch.isfinite(iscale), iscale, 0)).round_().clamp_(0, nmax)
 
     def weighted_error(scale, low):
         # C: diff = scale * L[i] + min - x[i]; error += w * (diff * diff)
