@@ -85,18 +85,23 @@ def stored_dtype(base):
 
 
 class Progress:
-    """Tensor i of n on stderr, one line rewritten in place; where the writer says how many
-    bytes of how many are written, also the rate and the time left at that rate."""
+    """Tensor i of n on stderr (one line rewritten in place on a terminal, a line per tensor
+    elsewhere); where the writer says how many bytes of how many are written, also the rate
+    and the time left at that rate."""
 
     def __init__(self):
         self.start = time.perf_counter()
+        self.in_place = sys.stderr.isatty()
 
     def __call__(self, done, total, name, bytes_done=None, bytes_total=None):
         line = f"[{done}/{total}] {name}"
         if bytes_done:
             rate = bytes_done / max(time.perf_counter() - self.start, 1e-9)
             line += f"  {rate / 1e6:.1f} MB/s  ETA {(bytes_total - bytes_done) / rate:.0f} s"
-        print(f"\r{line:<100}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+        if self.in_place:
+            print(f"\r{line:<100}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
 
 def main(argv=None):

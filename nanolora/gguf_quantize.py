@@ -14,6 +14,8 @@ order it does them, so the results are the same floats:
   A reduction op (sum, cumsum) would be faster and add in another order;
 - division is by a tensor on the device, never by a Python number: CUDA turns `t / 63.0`
   into `t * (1/63)`, which rounds differently;
+- sqrtf is taken in double and rounded to float32 (torch's float32 sqrt is not always
+  correctly rounded on the CPU);
 - `nearest_int` (add 1.5 * 2^23, keep the low bits) rounds half to even: torch.round. C's
   `roundf` (Q8_0) rounds halves away from zero: floor(|x| + 0.5) in float64, which is exact.
 
@@ -31,7 +33,7 @@ GROUP_MAX_EPS = 1e-15  # ggml-quants.c: a group whose largest |x| is below this 
 # values per chunk. CPU: small enough that a chunk's temporaries stay in cache, large enough
 # that torch's per-op overhead (a few us) is paid on thousands of sub-blocks at once. CUDA:
 # large, so that each kernel has millions of values to work on.
-CHUNK_VALUES = {"cpu": 1 << 16, "cuda": 1 << 24}
+CHUNK_VALUES = {"cpu": 1 << 17, "cuda": 1 << 24}
 
 
 def quantize(values, type_name: str, device=None) -> np.ndarray:
@@ -73,8 +75,9 @@ def quantize(values, type_name: str, device=None) -> np.ndarray:
 
 
 def _const(value, like):
-    """A float32 constant on `like`'s device, for dividing by (see the module docstring)."""
-    return torch.tensor([value], dtype=torch.float32, device=like.device)
+    """A float32 constant on `like`'s device, for dividing by (see the module docstring); made
+    there by a fill, so that CUDA does not wait on a copy from the host."""
+    return torch.full((1,), value, dtype=torch.float32, device=like.device)
 
 
 def _f16_bytes(x):
@@ -261,7 +264,10 @@ def _k_quant_with_mins(x, nmax, rmin, nstep):
     """
     n = len(x)
     sub = x.reshape(n * 8, 32).T.contiguous()  # [32, sub-blocks]
-    av_x = torch.sqrt(_sum_down(sub * sub) / _const(32.0, x))
+    # sqrtf in double, rounded once to float32: the same float (sqrt of a float32 is never
+    # close enough to a float32 tie for the double rounding to matter). torch's float32 sqrt on
+    # the CPU is vectorised with SLEEF's 0.5001-ulp sqrt and is off by one ulp on ~0.7% of inputs.
+    av_x = torch.sqrt((_sum_down(sub * sub) / _const(32.0, x)).double()).float()
     weights = av_x + sub.abs()
     scales, mins, L = _make_qkx2_quants(sub, weights, nmax, rmin, 0.1, nstep)
     scales, mins, L = scales.reshape(n, 8), mins.reshape(n, 8), L.T.reshape(n, 8, 32)

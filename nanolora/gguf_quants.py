@@ -21,6 +21,7 @@ high one (the fifth bits: bit i of the u32 belongs to value i). The K-quant pack
 spelled out where they are built and read.
 """
 import numpy as np
+import torch
 
 # ggml type id -> (name, values per block, bytes per block)   (gguf-py constants.py)
 GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2), 8: ("Q8_0", 32, 34),
@@ -45,8 +46,8 @@ def dequantize(raw: np.ndarray, ggml_type: int) -> np.ndarray:
     name, _, block_bytes = GGML_TYPES[ggml_type]
     if name == "F32":
         return raw.view("<f4").astype(np.float32)
-    if name == "F16":
-        return raw.view("<f2").astype(np.float32)
+    if name == "F16":  # exact (NaN payloads aside); torch's conversion is vectorised, numpy's 30x slower
+        return torch.from_numpy(np.ascontiguousarray(raw).view("<f2")).float().numpy()
     if name == "BF16":
         return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
     return _DEQUANTIZERS[name](raw.reshape(-1, block_bytes)).reshape(-1)
