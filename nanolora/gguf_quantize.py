@@ -33,7 +33,7 @@ GROUP_MAX_EPS = 1e-15  # ggml-quants.c: a group whose largest |x| is below this 
 # values per chunk. CPU: small enough that a chunk's temporaries stay in cache, large enough
 # that torch's per-op overhead (a few us) is paid on thousands of sub-blocks at once. CUDA:
 # large, so that each kernel has millions of values to work on.
-CHUNK_VALUES = {"cpu": 1 << 17, "cuda": 1 << 24}
+CHUNK_VALUES = {"cpu": 1 << 17, "cuda": 1 << 25}
 
 
 def quantize(values, type_name: str, device=None) -> np.ndarray:

@@ -47,7 +47,7 @@ def dequantize(raw: np.ndarray, ggml_type: int) -> np.ndarray:
     if name == "F32":
         return raw.view("<f4").astype(np.float32)
     if name == "F16":  # exact (NaN payloads aside); torch's conversion is vectorised, numpy's 30x slower
-        return torch.from_numpy(np.ascontiguousarray(raw).view("<f2")).float().numpy()
+        return torch.from_numpy(raw.view("<f2").copy()).float().numpy()  # copy: torch wants a writable array
     if name == "BF16":
         return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
     return _DEQUANTIZERS[name](raw.reshape(-1, block_bytes)).reshape(-1)

@@ -133,6 +133,17 @@ def test_k_quants_match_llama_cpp(trained, gguf_files, tmp_path, family, capsys)
         print("\n" + "\n".join(lines))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant", ["q4_k_m", "q8_0", "q4_0", "bf16"])
+def test_cuda_export_equals_cpu_export(trained, gguf_files, tmp_path, quant):
+    """export.py --device cuda writes the file --device cpu writes, byte for byte (the CPU
+    file's K-quant blocks are llama.cpp's: test_k_quants_match_llama_cpp)."""
+    info = trained("llama")
+    cpu = run_export(info, "gguf", tmp_path / "cpu.gguf", "--quant", quant, "--device", "cpu")
+    cuda = run_export(info, "gguf", tmp_path / "cuda.gguf", "--quant", quant, "--device", "cuda")
+    assert cpu.read_bytes() == cuda.read_bytes()
+
+
 @needs_llama_cpp
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_q4_k_m_types_of_an_80_layer_model(tmp_path, family):
