@@ -247,3 +247,21 @@ def test_pipeline_stage_stops_with_its_consumer():
         raise OSError("read error")
     with pytest.raises(OSError, match="read error"):
         list(_ahead(failing()))
+
+
+def test_non_finite_merged_weight_is_refused(trained, tmp_path):
+    """A NaN in the adapter (a diverged run) is named, and no GGUF file is left behind."""
+    from safetensors.torch import load_file, save_file
+    info = trained("qwen2")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for file in info["adapter"].iterdir():
+        (adapter / file.name).write_bytes(file.read_bytes())
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    key = next(k for k in sorted(tensors) if "layers.1.mlp.up_proj.lora_B" in k)
+    tensors[key][3, 0] = float("nan")
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"GGUF export: weight 'model.layers.1.mlp.up_proj.weight' holds NaN or "
+                                         r"infinite values once the adapter is merged"):
+        run_export(dict(info, adapter=adapter), "gguf", tmp_path / "out.gguf", "--quant", "q4_k")
+    no_leftovers(tmp_path, ["adapter"])
