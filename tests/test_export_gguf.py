@@ -135,7 +135,7 @@ def test_k_quants_match_llama_cpp(trained, gguf_files, tmp_path, family, capsys)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("quant", ["q4_k_m", "q8_0", "q4_0", "bf16"])
-def test_cuda_export_equals_cpu_export(trained, gguf_files, tmp_path, quant):
+def test_cuda_export_equals_cpu_export(trained, tmp_path, quant):
     """export.py --device cuda writes the file --device cpu writes, byte for byte (the CPU
     file's K-quant blocks are llama.cpp's: test_k_quants_match_llama_cpp)."""
     info = trained("llama")
