@@ -2,7 +2,8 @@
 
     python bench/gguf_export.py /tmp/gguf_bench                          # 253M Llama, q4_k_m, all threads
     python bench/gguf_export.py /tmp/gguf_bench --quant q4_k_m q6_k q8_0 --repeat 2
-    python bench/gguf_export.py /tmp/gguf_8b --shape llama3-8b           # the GPU machine: an 8B-shaped export
+    python bench/gguf_export.py /tmp/gguf_8b --shape llama3-8b --prepare_only   # the GPU machine: make the 8B
+    python bench/gguf_export.py /tmp/gguf_8b --shape llama3-8b                  # files once, then time them
 
 Made once in the folder, kept for reruns: a random-weight checkpoint of the shape
 (bench/make_checkpoint.py) with a byte-level BPE tokenizer, its f16 GGUF (nanolora's writer),
@@ -106,9 +107,12 @@ def main():
     parser.add_argument("--device", choices=("cpu", "cuda"), help="export.py --device (default: its own)")
     parser.add_argument("--repeat", type=int, default=1, help="best of this many runs each")
     parser.add_argument("--no_llama_cpp", action="store_true", help="time export.py alone")
+    parser.add_argument("--prepare_only", action="store_true", help="make the checkpoint, f16 GGUF and adapter, then stop")
     args = parser.parse_args()
     args.folder.mkdir(parents=True, exist_ok=True)
     f16, adapter = prepare(args.folder, args.shape)
+    if args.prepare_only:
+        return
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}  # torch's thread count
     rows = []
     for quant in args.quant:
