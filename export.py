@@ -2,7 +2,7 @@
 
     python export.py --base MODEL --adapter out/ --format peft      --out adapter/
     python export.py --base MODEL --adapter out/ --format merged    --out merged/ [--dtype bf16] [--shard_size 5GB]
-    python export.py --base MODEL --adapter out/ --format gguf      --out model.gguf [--quant q4_k_m]
+    python export.py --base MODEL --adapter out/ --format gguf      --out model.gguf [--quant q4_k_m] [--device cpu]
     python export.py --base MODEL --adapter out/ --format gguf-lora --out adapter.gguf [--quant f32]
 
 MODEL is what the adapter was trained on: an HF folder, a hub id or a .gguf file; without
@@ -10,11 +10,13 @@ MODEL is what the adapter was trained on: an HF folder, a hub id or a .gguf file
 appear only once complete (written under a temporary name, then renamed); an existing
 output is replaced only with --force. GGUF --quant: f32, f16 (default), bf16, q8_0, q4_0,
 q4_k, q6_k (every 2-D weight in that type) or q4_k_m (llama.cpp's mix: see
-nanolora/gguf_write.py); gguf-lora: f32 (default), f16, bf16, q8_0.
+nanolora/gguf_write.py); gguf-lora: f32 (default), f16, bf16, q8_0. GGUF tensors are quantized
+on --device (default: cuda when there is one, else the CPU's threads), with llama.cpp's bytes.
 """
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -40,6 +42,8 @@ def parse_args(argv=None):
     parser.add_argument("--quant", help="GGUF tensor type (default: f16 for gguf, f32 for gguf-lora)")
     parser.add_argument("--dtype", default="bf16", choices=DTYPES, help="merged: weight dtype (default bf16)")
     parser.add_argument("--shard_size", default="5GB", help="merged: largest shard (default 5GB)")
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        help="gguf: where tensors are quantized (default: cuda when there is one)")
     parser.add_argument("--force", action="store_true", help="replace an existing output")
     args = parser.parse_args(argv)
     if args.format in ("gguf", "gguf-lora"):
@@ -49,6 +53,10 @@ def parse_args(argv=None):
             parser.error(f"--quant {args.quant!r} is not a {args.format} type (choose from {', '.join(allowed)})")
     elif args.quant:
         parser.error(f"--quant applies to the gguf formats, not {args.format}")
+    if args.device and args.format != "gguf":
+        parser.error(f"--device applies to --format gguf, not {args.format}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
     try:
         args.shard_size = parse_size(args.shard_size)
     except ValueError as e:
@@ -76,8 +84,24 @@ def stored_dtype(base):
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
 
 
-def show_progress(done, total, name):
-    print(f"\r[{done}/{total}] {name:<60}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+class Progress:
+    """Tensor i of n on stderr (one line rewritten in place on a terminal, a line per tensor
+    elsewhere); where the writer says how many bytes of how many are written, also the rate
+    and the time left at that rate."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.in_place = sys.stderr.isatty()
+
+    def __call__(self, done, total, name, bytes_done=None, bytes_total=None):
+        line = f"[{done}/{total}] {name}"
+        if bytes_done:
+            rate = bytes_done / max(time.perf_counter() - self.start, 1e-9)
+            line += f"  {rate / 1e6:.1f} MB/s  ETA {(bytes_total - bytes_done) / rate:.0f} s"
+        if self.in_place:
+            print(f"\r{line:<100}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
 
 def main(argv=None):
@@ -100,11 +124,11 @@ def main(argv=None):
         with atomic_path(out) as tmp:
             save_adapter(model, tmp, base_model_name_or_path=base_name)
     elif args.format == "merged":
-        save_merged(model, tokenizer, out, DTYPES[args.dtype], args.shard_size, source, show_progress)
+        save_merged(model, tokenizer, out, DTYPES[args.dtype], args.shard_size, source, Progress())
     elif args.format == "gguf":
-        write_gguf_model(model, tokenizer, out, args.quant, source, name, show_progress)
+        write_gguf_model(model, tokenizer, out, args.quant, source, name, Progress(), args.device)
     else:
-        write_gguf_lora(model, out, args.quant, show_progress)
+        write_gguf_lora(model, out, args.quant, Progress())
     print(f"wrote {out} ({args.format}{', ' + args.quant if args.quant else ''})")
     return out
 

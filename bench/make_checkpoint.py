@@ -17,6 +17,9 @@ from safetensors.torch import save_file
 SHAPES = {  # the rows of ../shared/PEERS.md
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    # a few hundred million parameters (253M), every row a whole number of 256-blocks: bench/gguf_export.py
+    "llama-250m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
+                       num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False),
     "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
 }

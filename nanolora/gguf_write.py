@@ -32,7 +32,9 @@ What llama.cpp expects, from convert_hf_to_gguf.py / convert_lora_to_gguf.py:
   llama.cpp scales by alpha / r, so rsLoRA's alpha / sqrt(r) is written as alpha * sqrt(r).
 """
 import math
+import queue
 import struct
+import threading
 import warnings
 
 import numpy as np
@@ -41,7 +43,8 @@ import torch
 from nanolora.checkpoint import expected_weights, merged_tensors
 from nanolora.files import atomic_path
 from nanolora.gguf import GLOBAL_NAMES, LAYER_NAMES
-from nanolora.gguf_quants import GGML_TYPES, TYPE_IDS, quantize, row_bytes
+from nanolora.gguf_quants import GGML_TYPES, TYPE_IDS, row_bytes
+from nanolora.gguf_quantize import quantize
 from nanolora.gguf_vocab import tokenizer_metadata
 from nanolora.lora import lora_layers
 from nanolora.model import hf_key
@@ -135,11 +138,13 @@ def model_metadata(config, arch: str, quant: str, name: str) -> dict:
     return meta
 
 
-def write_gguf_model(model, tokenizer, path, quant="f16", source=None, name=None, progress=None):
+def write_gguf_model(model, tokenizer, path, quant="f16", source=None, name=None, progress=None, device=None):
     """Write `model` with its LoRA merged (W + scale B A in fp32, rounded once) as one GGUF file.
 
-    source: the base model's folder or .gguf file (for the tokenizer metadata). progress:
-    called as progress(done, total, tensor name) after each tensor.
+    source: the base model's folder or .gguf file (for the tokenizer metadata). progress: see
+    write_gguf. device: where tensors are quantized (default: CUDA when there is one).
+    Three stages run at once, tensor by tensor: a thread merges the next weight while another
+    quantizes the one before it and this one writes the one before that.
     """
     if quant not in QUANTS:
         raise ValueError(f"--quant {quant!r} is not a GGUF model type (supported: {', '.join(QUANTS)})")
@@ -166,7 +171,7 @@ def write_gguf_model(model, tokenizer, path, quant="f16", source=None, name=None
         tensors.append((tensor_name, shape, tensor_type(tensor_name, shape, quant, config), key))
     merged = merged_tensors(model)
 
-    def data():
+    def values():
         for tensor_name, shape, ggml_type, key in tensors:
             if key is None:  # rope_freqs: llama.cpp divides frequency i by factor i, so the
                 # factors are the unscaled frequencies over ours (the same arithmetic as the model's)
@@ -176,10 +181,15 @@ def write_gguf_model(model, tokenizer, path, quant="f16", source=None, name=None
                 got_key, values = next(merged, (None, None))
                 if got_key != key:
                     raise ValueError(f"GGUF export: expected weight {key!r} next, the model gave {got_key!r}")
+                if not torch.isfinite(values).all():  # llama.cpp would quantize them into garbage blocks
+                    raise ValueError(f"GGUF export: weight {key!r} holds NaN or infinite values once the adapter "
+                                     f"is merged (a diverged training run?)")
                 values = convert(values, key)
-            yield _encode_tensor(values, ggml_type)
+            yield values, ggml_type
 
-    write_gguf(path, metadata, [(n, s, t) for n, s, t, _ in tensors], data(), progress)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    encoded = (_encode_tensor(v, t, device) for v, t in _ahead(values()))
+    write_gguf(path, metadata, [(n, s, t) for n, s, t, _ in tensors], _ahead(encoded), progress)
 
 
 def write_gguf_lora(model, path, quant="f32", progress=None):
@@ -215,9 +225,48 @@ def write_gguf_lora(model, path, quant="f32", progress=None):
                progress)
 
 
-def _encode_tensor(values: torch.Tensor, ggml_type: str) -> np.ndarray:
-    values = values.detach().float().cpu().numpy()
-    return quantize(values.reshape(-1, values.shape[-1]), ggml_type)
+def _encode_tensor(values: torch.Tensor, ggml_type: str, device="cpu") -> np.ndarray:
+    values = values.detach()
+    return quantize(values.reshape(-1, values.shape[-1]), ggml_type, device)
+
+
+def _ahead(items, depth=1):
+    """Iterate `items` in a background thread, up to `depth` items ahead of the consumer, so
+    that making the next item overlaps using this one (torch ops and file writes release the
+    GIL). An exception in `items` is raised here; if the consumer stops early, so does the
+    thread."""
+    slots, stop = queue.Queue(depth), threading.Event()
+
+    def put(entry):
+        while not stop.is_set():
+            try:
+                return slots.put(entry, timeout=0.1)
+            except queue.Full:
+                pass
+
+    def produce():
+        try:
+            for item in items:
+                put((True, item))
+                if stop.is_set():
+                    return
+            put((False, None))
+        except BaseException as e:  # handed to the consumer, raised there
+            put((False, e))
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            more, item = slots.get()
+            if not more:
+                if item is not None:
+                    raise item
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 # ----------------------------------------------------------------------------- the file
@@ -259,7 +308,8 @@ def _padding(n: int) -> bytes:
 def write_gguf(path, metadata: dict, tensors, data, progress=None):
     """Write a GGUF v3 file. tensors: [(name, torch-order shape, ggml type name)]; data: an
     iterable giving each tensor's bytes (uint8 array) in the same order, produced as the file
-    is written. The file appears at `path` only once complete."""
+    is written. The file appears at `path` only once complete. progress: called after each
+    tensor as progress(done, total, label, bytes_done, bytes_total) (bytes of tensor data)."""
     header = [b"GGUF", struct.pack("<IQQ", 3, len(tensors), len(metadata))]
     for key, value in metadata.items():
         value_type, encoded = _value(value)
@@ -274,12 +324,13 @@ def write_gguf(path, metadata: dict, tensors, data, progress=None):
     header = b"".join(header)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(header + _padding(len(header)))
-        data = iter(data)
+        data, written = iter(data), 0
         for i, ((name, shape, ggml_type), size) in enumerate(zip(tensors, sizes)):
             raw = np.ascontiguousarray(next(data)).view(np.uint8)
             if raw.size != size:
                 raise ValueError(f"GGUF: tensor {name} has {raw.size} bytes of data, expected {size}")
             f.write(raw.tobytes())
             f.write(_padding(size))
+            written += size
             if progress:
-                progress(i + 1, len(tensors), f"{name} {ggml_type}")
+                progress(i + 1, len(tensors), f"{name} {ggml_type}", written, sum(sizes))

@@ -203,3 +203,65 @@ def test_failure_midway_leaves_no_partial_output(trained, tmp_path, monkeypatch,
     with pytest.raises(RuntimeError, match="disk full"):
         run_export(info, fmt, tmp_path / "out", "--shard_size", "100KB")
     no_leftovers(tmp_path, [])
+
+
+def test_gguf_progress_and_device_flag(trained, tmp_path, capsys):
+    """Progress on stderr: tensor i of n with the rate and the time left. --device: one clear
+    error where it cannot apply."""
+    info = trained("qwen2")
+    run_export(info, "gguf", tmp_path / "out.gguf", "--quant", "q4_k", "--device", "cpu")
+    lines = capsys.readouterr().err.strip().splitlines()
+    n = len(gguf.GGUFReader(tmp_path / "out.gguf").tensors)
+    assert len(lines) == n and lines[-1].startswith(f"[{n}/{n}] ")
+    assert all(" MB/s  ETA " in line and line.endswith(" s") for line in lines)
+    with pytest.raises(SystemExit) as exit_info:
+        run_export(info, "merged", tmp_path / "merged", "--device", "cpu")
+    assert exit_info.value.code == 2 and "--device applies to --format gguf, not merged" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            run_export(info, "gguf", tmp_path / "cuda.gguf", "--device", "cuda")
+        assert "--device cuda: torch sees no CUDA device here" in capsys.readouterr().err
+    no_leftovers(tmp_path, ["out.gguf"])
+
+
+def test_pipeline_stage_stops_with_its_consumer():
+    """gguf_write._ahead: an error in the producing thread is raised in the consumer; a
+    consumer that stops early stops the thread, which has made at most `depth` + 1 items more."""
+    import threading
+
+    from nanolora.gguf_write import _ahead
+    made = []
+
+    def items():
+        for i in range(1000):
+            made.append(i)
+            yield i
+    before = threading.active_count()
+    stage = _ahead(items())
+    assert [next(stage), next(stage)] == [0, 1]
+    stage.close()
+    assert threading.active_count() == before and len(made) <= 4
+
+    def failing():
+        yield 1
+        raise OSError("read error")
+    with pytest.raises(OSError, match="read error"):
+        list(_ahead(failing()))
+
+
+def test_non_finite_merged_weight_is_refused(trained, tmp_path):
+    """A NaN in the adapter (a diverged run) is named, and no GGUF file is left behind."""
+    from safetensors.torch import load_file, save_file
+    info = trained("qwen2")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for file in info["adapter"].iterdir():
+        (adapter / file.name).write_bytes(file.read_bytes())
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    key = next(k for k in sorted(tensors) if "layers.1.mlp.up_proj.lora_B" in k)
+    tensors[key][3, 0] = float("nan")
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"GGUF export: weight 'model.layers.1.mlp.up_proj.weight' holds NaN or "
+                                         r"infinite values once the adapter is merged"):
+        run_export(dict(info, adapter=adapter), "gguf", tmp_path / "out.gguf", "--quant", "q4_k")
+    no_leftovers(tmp_path, ["adapter"])

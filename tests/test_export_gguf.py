@@ -100,7 +100,7 @@ def test_k_quants_match_llama_cpp(trained, gguf_files, tmp_path, family, capsys)
     ref = reference_tensors(info)
     f16 = gguf.GGUFReader(gguf_files(family, "f16"))
     f16_values = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in f16.tensors}
-    from nanolora.gguf_quants import quantize
+    from nanolora.gguf_quantize import quantize
     lines = []
     for quant, ftype, pure in [("q4_k_m", 15, False), ("q4_k", 14, True), ("q6_k", 18, True)]:
         theirs = {t.name: t for t in gguf.GGUFReader(
@@ -131,6 +131,17 @@ def test_k_quants_match_llama_cpp(trained, gguf_files, tmp_path, family, capsys)
         assert same >= 0.99 * blocks  # 100% measured; FMA-contracting builds may differ in a few
     with capsys.disabled():
         print("\n" + "\n".join(lines))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant", ["q4_k_m", "q8_0", "q4_0", "bf16"])
+def test_cuda_export_equals_cpu_export(trained, tmp_path, quant):
+    """export.py --device cuda writes the file --device cpu writes, byte for byte (the CPU
+    file's K-quant blocks are llama.cpp's: test_k_quants_match_llama_cpp)."""
+    info = trained("llama")
+    cpu = run_export(info, "gguf", tmp_path / "cpu.gguf", "--quant", quant, "--device", "cpu")
+    cuda = run_export(info, "gguf", tmp_path / "cuda.gguf", "--quant", quant, "--device", "cuda")
+    assert cpu.read_bytes() == cuda.read_bytes()
 
 
 @needs_llama_cpp

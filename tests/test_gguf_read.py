@@ -81,7 +81,7 @@ def test_k_quant_mix_matches_transformers(tmp_path):
     Q4_K_M download holds. Read back by nanolora and by transformers (gguf-py dequantizes)."""
     from transformers import AutoModelForCausalLM
 
-    from nanolora.gguf_quants import quantize
+    from nanolora.gguf_quantize import quantize
     from nanolora.gguf_write import write_gguf_model
     hf_folder, out = tmp_path / "hf", tmp_path / "gguf"
     save_checkpoint(hf_folder, "qwen2", hidden_size=256, intermediate_size=384, num_attention_heads=4,

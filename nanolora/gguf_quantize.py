@@ -1,0 +1,393 @@
+"""llama.cpp's reference quantizers in torch, vectorised over every block of a tensor, on the
+CPU's threads or on CUDA, with llama.cpp's bytes.
+
+The block layouts are in nanolora/gguf_quants.py. Each function here follows ggml-quants.c's
+`quantize_row_*_ref` (what llama_model_quantize runs without an importance matrix), written
+for all blocks at once but doing, per block, the float32 operations the C code does in the
+order it does them, so the results are the same floats:
+
+- one torch op per C expression, and never two fused: `(w * l) * l` is two multiplications,
+  each rounded (no addcmul: its CPU kernel may contract into an FMA);
+- sums over a sub-block are taken left to right, as the C `for` loops take them: the
+  sub-block's values lie down the first axis ([element, sub-block], see `_sum_down`), and
+  element i's row is added to the running sum with one vector add across all sub-blocks.
+  A reduction op (sum, cumsum) would be faster and add in another order;
+- division is by a tensor on the device, never by a Python number: CUDA turns `t / 63.0`
+  into `t * (1/63)`, which rounds differently;
+- sqrtf is taken in double and rounded to float32 (torch's float32 sqrt is not always
+  correctly rounded on the CPU);
+- `nearest_int` (add 1.5 * 2^23, keep the low bits) rounds half to even: torch.round. C's
+  `roundf` (Q8_0) rounds halves away from zero: floor(|x| + 0.5) in float64, which is exact.
+
+On CUDA each op is its own IEEE float32 kernel, so the GPU gives the same bytes (tests/
+test_gguf_quants.py checks CPU against llama.cpp, CUDA against the CPU).
+"""
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from nanolora.gguf_quants import GGML_TYPES, TYPE_IDS, row_bytes
+
+GROUP_MAX_EPS = 1e-15  # ggml-quants.c: a group whose largest |x| is below this is all zero
+# values per chunk. CPU: small enough that a chunk's temporaries stay in cache, large enough
+# that torch's per-op overhead (a few us) is paid on thousands of sub-blocks at once. CUDA:
+# large, so that each kernel has millions of values to work on.
+CHUNK_VALUES = {"cpu": 1 << 17, "cuda": 1 << 25}
+
+
+def quantize(values, type_name: str, device=None) -> np.ndarray:
+    """values [rows, cols] (torch or numpy, any float dtype; cols a multiple of the block
+    size) -> uint8 numpy [rows, row_bytes] in `type_name`, computed on `device` (default: where
+    `values` is) chunk by chunk.
+
+    On the CPU the chunks are shared out to torch.get_num_threads() Python threads whose ops
+    run single-threaded, as llama.cpp shares rows out to its threads: one op on a chunk is too
+    small to be worth splitting, and on a busy machine a split op waits at its barrier for
+    the slowest thread (measured 50x slower on 2 loaded cores)."""
+    values = torch.as_tensor(values)
+    device = torch.device(device) if device is not None else values.device
+    rows, cols = values.shape
+    _, block_values, block_bytes = GGML_TYPES[TYPE_IDS[type_name]]
+    if cols % block_values:
+        raise ValueError(f"{type_name} needs rows of a multiple of {block_values} values, got {cols}")
+    blocks = values.reshape(-1, block_values)
+    out = torch.empty((len(blocks), block_bytes), dtype=torch.uint8)
+    step = max(1, CHUNK_VALUES.get(device.type, CHUNK_VALUES["cpu"]) // block_values)
+
+    def run(start):
+        part = blocks[start:start + step].to(device=device, dtype=torch.float32)
+        out[start:start + step] = _QUANTIZERS[type_name](part).cpu()
+
+    starts = range(0, len(blocks), step)
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or len(starts) == 1 or threads == 1:
+        for start in starts:
+            run(start)
+    else:
+        torch.set_num_threads(1)  # read by each new thread's first op: the workers' ops stay in their thread
+        try:
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(run, starts))
+        finally:
+            torch.set_num_threads(threads)
+    return out.numpy().reshape(rows, row_bytes(type_name, cols))
+
+
+def _const(value, like):
+    """A float32 constant on `like`'s device, for dividing by (see the module docstring); made
+    there by a fill, so that CUDA does not wait on a copy from the host."""
+    return torch.full((1,), value, dtype=torch.float32, device=like.device)
+
+
+def _f16_bytes(x):
+    """float32 [n] -> its f16 bytes [n, 2] (round to nearest even, as GGML_FP32_TO_FP16)."""
+    return x.to(torch.float16).view(torch.uint8).reshape(-1, 2)
+
+
+def _f16_round(x):
+    """float32 -> the float32 value of its f16 (GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(x)))."""
+    return x.to(torch.float16).float()
+
+
+def _reciprocal_or_zero(d):
+    """C's `d ? 1.0f/d : 0.0f`."""
+    return torch.where(d != 0, _const(1.0, d) / d, torch.zeros_like(d))
+
+
+def _sum_down(a):
+    """[..., group, n] -> [..., n]: the sum over the group axis, left to right in float32, as a C
+    `for` loop over the group's elements adds. On the CPU, index_add_ with every index 0 adds
+    the rows into the first one by one, in index order, in one call (10x faster than a Python
+    loop of adds at these sizes); on CUDA it adds with atomics in no set order, so there the
+    loop it is (one vector add over n per row)."""
+    if a.device.type == "cpu":
+        total = a[..., :1, :].clone()
+        total.index_add_(-2, torch.zeros(a.shape[-2] - 1, dtype=torch.long), a[..., 1:, :])
+        return total[..., 0, :]
+    total = a[..., 0, :].clone()
+    for i in range(1, a.shape[-2]):
+        total += a[..., i, :]
+    return total
+
+
+def _signed_max(x, dim):
+    """The value of largest magnitude along `dim`: the first on ties, +0.0 when all are zero
+    (the C loops start from max = 0 and replace it only by a strictly larger |x|)."""
+    big = x.gather(dim, x.abs().argmax(dim, keepdim=True)).squeeze(dim)
+    return torch.where(big != 0, big, torch.zeros_like(big))
+
+
+def _pack_nibbles(q):
+    """[n, 32] values in 0..15 -> [n, 16] bytes: value j in byte j's low nibble, j + 16 in its high one."""
+    return (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)
+
+
+def _pack_fifth_bits(q):
+    """[n, 32] values in 0..31 -> [n, 4]: the little-endian u32 whose bit i is value i's fifth bit."""
+    bits = ((q >> 4) & 1).reshape(-1, 4, 8).to(torch.int32) << torch.arange(8, device=q.device, dtype=torch.int32)
+    return bits.sum(-1).to(torch.uint8)
+
+
+# --------------------------------------------------------------- F32 / F16 / BF16, 32-blocks
+
+def _plain(dtype):
+    # .to(float16 / bfloat16) rounds to nearest even, as ggml (NaN stays NaN)
+    return lambda blocks: blocks.to(dtype).contiguous().view(torch.uint8)
+
+
+def _c_to_int(v):
+    """C's float -> int8_t / uint8_t conversion as x86 does it: truncation (cvttss2si), except
+    that NaN and +-inf give 0x80000000, whose low byte is 0. They come up where a block's
+    scale is an fp32 subnormal and 1/d overflows; CUDA would saturate instead, so it is spelled
+    out. Returns float32 integers."""
+    return torch.where(torch.isfinite(v), torch.trunc(v), torch.zeros_like(v))
+
+
+def _q8_0(x):
+    """quantize_row_q8_0_ref: d = max|x| / 127, q = roundf(x / d)."""
+    d = x.abs().amax(1) / _const(127.0, x)
+    scaled = (x * _reciprocal_or_zero(d)[:, None]).double()
+    q = _c_to_int(torch.floor(scaled.abs() + 0.5).copysign(scaled)).to(torch.int8)
+    return torch.cat([_f16_bytes(d), q.view(torch.uint8)], 1)
+
+
+def _q4_0_or_q5_0(x, n_levels):
+    """quantize_row_q4_0_ref / q5_0_ref: d = -(value of largest |x|) / (n_levels/2), so that
+    value maps to q = 0 exactly; q = min(n_levels - 1, trunc(x / d + n_levels/2 + 0.5))."""
+    half = n_levels // 2
+    d = _signed_max(x, 1) / _const(-half, x)
+    q = _c_to_int(x * _reciprocal_or_zero(d)[:, None] + (half + 0.5)).clamp(max=n_levels - 1).to(torch.uint8)
+    if n_levels == 16:
+        return torch.cat([_f16_bytes(d), _pack_nibbles(q)], 1)
+    return torch.cat([_f16_bytes(d), _pack_fifth_bits(q), _pack_nibbles(q)], 1)
+
+
+def _q5_1(x):
+    """quantize_row_q5_1_ref: d = (max - min) / 31, m = min, q = trunc((x - min) / d + 0.5).
+    min and max are the first of their value, as the C loop keeps them (the sign of a zero min
+    is stored)."""
+    xmin = x.gather(1, x.argmin(1, keepdim=True)).squeeze(1)
+    xmax = x.gather(1, x.argmax(1, keepdim=True)).squeeze(1)
+    d = (xmax - xmin) / _const(31.0, x)
+    q = _c_to_int((x - xmin[:, None]) * _reciprocal_or_zero(d)[:, None] + 0.5).to(torch.uint8)
+    return torch.cat([_f16_bytes(d), _f16_bytes(xmin), _pack_fifth_bits(q), _pack_nibbles(q)], 1)
+
+
+# ------------------------------------------------------------------- K-quants, 256-blocks
+
+def _make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep):
+    """ggml-quants.c make_qkx2_quants on each column of x [group, n] (a sub-block per column):
+    x ~= scale * L - the_min with L in 0..nmax, minimising the weighted squared error. Start
+    from L spread over [min, max] (min clamped to <= 0), then for nstep + 1 trial grids
+    (nmax + rmin + rdelta*i levels over the range) round x to L, fit scale and min by weighted
+    least squares, and keep the fit whenever its error is lower; as in the C code, each trial
+    grid starts from the min of the best fit so far.
+
+    The best L is not kept: it is the rounding of x on the best grid, redone at the end from
+    that grid's iscale and min (the same float operations on the same floats), which saves a
+    [group, n] copy per trial. Returns (scale [n], the_min [n], L [group, n] float32 of integers)."""
+    xmax = x.amax(0)
+    xmin = x.amin(0).clamp(max=0)
+    sum_w, sum_x = _sum_down(torch.stack([weights, weights * x]))
+    flat = xmax == xmin
+    levels_and_x = torch.empty((2, *x.shape), dtype=x.dtype, device=x.device)
+    levels, _ = levels_and_x
+    levels_and_x[1] = x
+    products = torch.empty((3, *x.shape), dtype=x.dtype, device=x.device)  # w*l, (w*l)*l, (w*l)*x
+    diff = torch.empty_like(x)
+
+    def round_to_grid(iscale, low, out):
+        # C: MAX(0, MIN(nmax, nearest_int(iscale * (x[i] - min)))). Where max - min is an fp32
+        # subnormal, iscale is inf and nearest_int's bit trick turns inf and NaN (inf * 0)
+        # into a negative number: L = 0. An iscale of 0 gives the same, and no inf in the sums.
+        torch.sub(x, low, out=out)
+        return out.mul_(torch.where(torch.isfinite(iscale), iscale, 0)).round_().clamp_(0, nmax)
+
+    def weighted_error(scale, low):
+        # C: diff = scale * L[i] + min - x[i]; error += w * (diff * diff)
+        torch.mul(levels, scale, out=diff)
+        diff.add_(low).sub_(x)
+        diff.mul_(diff).mul_(weights)
+        return _sum_down(diff)
+
+    iscale = _const(float(nmax), x) / (xmax - xmin)
+    scale = _const(1.0, x) / iscale
+    round_to_grid(iscale, xmin, levels)
+    best_error = weighted_error(scale, xmin)
+    best_iscale, best_low = iscale, xmin
+    for step in range(nstep + 1):
+        grid = np.float32(rmin) + np.float32(rdelta) * np.float32(step) + np.float32(nmax)  # C float arithmetic
+        iscale = _const(float(grid), x) / (xmax - xmin)
+        round_to_grid(iscale, xmin, levels)
+        torch.mul(weights, levels, out=products[0])
+        torch.mul(products[:1], levels_and_x, out=products[1:])
+        sum_l, sum_l2, sum_xl = _sum_down(products)
+        # D = sum_w*sum_l2 - sum_l*sum_l; scale = (sum_w*sum_xl - sum_x*sum_l)/D;
+        # min = (sum_l2*sum_x - sum_l*sum_xl)/D: six products in one op, three differences in another
+        left = torch.stack([sum_w, sum_l, sum_w, sum_x, sum_l2, sum_l])
+        right = torch.stack([sum_l2, sum_l, sum_xl, sum_l, sum_x, sum_xl])
+        terms = left.mul_(right)
+        D, scale_num, min_num = terms[0::2] - terms[1::2]
+        this_scale, this_min = torch.stack([scale_num, min_num]) / D
+        positive_min = this_min > 0  # a min above zero is not allowed: refit the scale alone
+        this_scale = torch.where(positive_min, sum_xl / sum_l2, this_scale)
+        this_min = torch.where(positive_min, torch.zeros_like(this_min), this_min)
+        error = weighted_error(this_scale, this_min)
+        better = (D > 0) & (error < best_error) & ~flat
+        best_error = torch.where(better, error, best_error)
+        scale = torch.where(better, this_scale, scale)
+        best_iscale = torch.where(better, iscale, best_iscale)
+        best_low = torch.where(better, xmin, best_low)
+        xmin = torch.where(better, this_min, xmin)
+    best = round_to_grid(best_iscale, best_low, torch.empty_like(x))
+    best = torch.where(flat, torch.zeros_like(best), best)
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    return scale, -xmin, best
+
+
+def _nearest_uint8(x):
+    """C's `uint8_t ls = nearest_int(x)`: rounded half to even, then wrapped modulo 256."""
+    return (torch.round(x).to(torch.int64) & 0xFF).to(torch.uint8)
+
+
+def _k_quant_with_mins(x, nmax, rmin, nstep):
+    """What quantize_row_q4_K_ref and q5_K_ref share, on blocks x [n, 256].
+
+    Each sub-block of 32 gets make_qkx2_quants(nmax, rmin, rdelta=0.1, nstep) with weights
+    av_x + |x| (av_x = rms of the sub-block). The 8 scales and 8 mins are then stored as 6-bit
+    multiples of d = max(scale)/63 and dmin = max(min)/63, and every value is rounded again
+    against the stored scale and min. Scale bytes: sc/m of sub-blocks 0..3 in the low 6 bits
+    of bytes 0..3 / 4..7; of sub-blocks 4..7, low 4 bits in bytes 8..11 (sc low nibble, m high
+    nibble) and the top 2 bits in bits 6..7 of bytes 0..3 / 4..7.
+    Returns (the first 16 bytes: d, dmin, scales [n, 16], L [n, 8, 32] uint8 in 0..nmax).
+    """
+    n = len(x)
+    sub = x.reshape(n * 8, 32).T.contiguous()  # [32, sub-blocks]
+    # sqrtf in double, rounded once to float32: the same float (sqrt of a float32 is never
+    # close enough to a float32 tie for the double rounding to matter). torch's float32 sqrt on
+    # the CPU is vectorised with SLEEF's 0.5001-ulp sqrt and is off by one ulp on ~0.7% of inputs.
+    av_x = torch.sqrt((_sum_down(sub * sub) / _const(32.0, x)).double()).float()
+    weights = av_x + sub.abs()
+    scales, mins, L = _make_qkx2_quants(sub, weights, nmax, rmin, 0.1, nstep)
+    scales, mins, L = scales.reshape(n, 8), mins.reshape(n, 8), L.T.reshape(n, 8, 32)
+    # C: max = 0, then max = x only for x > max; so +0.0 where all are <= 0 (clamp would keep a -0.0)
+    max_scale, max_min = torch.stack([scales.amax(1), mins.amax(1)])
+    max_scale = torch.where(max_scale > 0, max_scale, torch.zeros_like(max_scale))
+    max_min = torch.where(max_min > 0, max_min, torch.zeros_like(max_min))
+    inv_scale = torch.where(max_scale > 0, _const(63.0, x) / max_scale, torch.zeros_like(max_scale))
+    inv_min = torch.where(max_min > 0, _const(63.0, x) / max_min, torch.zeros_like(max_min))
+    ls = _nearest_uint8(inv_scale[:, None] * scales).clamp(max=63)
+    lm = _nearest_uint8(inv_min[:, None] * mins).clamp(max=63)
+    d, dmin = max_scale / _const(63.0, x), max_min / _const(63.0, x)
+    sub_d = _f16_round(d)[:, None] * ls.float()  # [n, 8]
+    sub_m = _f16_round(dmin)[:, None] * lm.float()
+    requant = torch.round((x.reshape(n, 8, 32) + sub_m[:, :, None]) / sub_d[:, :, None]).clamp(0, nmax)
+    L = torch.where(sub_d[:, :, None] != 0, requant, L).to(torch.uint8)  # C: `if (!d) continue;`
+    packed_scales = torch.cat([ls[:, :4] | ((ls[:, 4:] >> 4) << 6),
+                               lm[:, :4] | ((lm[:, 4:] >> 4) << 6),
+                               (ls[:, 4:] & 0x0F) | ((lm[:, 4:] & 0x0F) << 4)], 1)
+    return torch.cat([_f16_bytes(d), _f16_bytes(dmin), packed_scales], 1), L
+
+
+def _q4_k(x):
+    """quantize_row_q4_K_ref (see _k_quant_with_mins: nmax 15, rmin -1, 21 trial grids).
+    Values: in each of 4 groups of 32 bytes, byte l holds value l of sub-block 2g (low
+    nibble) and of sub-block 2g+1 (high nibble)."""
+    head, L = _k_quant_with_mins(x, 15, -1.0, 20)
+    pairs = L.reshape(len(x), 4, 2, 32)
+    qs = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(len(x), 128)
+    return torch.cat([head, qs], 1)
+
+
+def _q5_k(x):
+    """quantize_row_q5_K_ref (see _k_quant_with_mins: nmax 31, rmin -0.5, 16 trial grids).
+    176 bytes: the 16 of Q4_K's head | qh[32] | qs[128]. The low 4 bits are packed as in
+    Q4_K; bit 2g of qh[l] is the fifth bit of sub-block 2g's value l, bit 2g+1 sub-block
+    2g+1's."""
+    head, L = _k_quant_with_mins(x, 31, -0.5, 15)
+    pairs = L.reshape(len(x), 4, 2, 32)
+    qs = ((pairs[:, :, 0] & 0x0F) | ((pairs[:, :, 1] & 0x0F) << 4)).reshape(len(x), 128)
+    shifts = (2 * torch.arange(4, device=x.device, dtype=torch.uint8))[None, :, None]
+    qh = (((pairs[:, :, 0] >> 4) << shifts) | ((pairs[:, :, 1] >> 4) << (shifts + 1))).sum(1, dtype=torch.uint8)
+    return torch.cat([head, qh, qs], 1)
+
+
+def _make_qx_quants(x, nmax):
+    """ggml-quants.c make_qx_quants(rmse_type=1, no importance weights) on each column of
+    x [group, n]: x ~= scale * (L - nmax) with L - nmax in -nmax..nmax-1. The value of
+    largest magnitude maps to -nmax; then 18 nearby grids (nmax + 0.1*i, i = -9..9) are
+    tried, each rounded and least-squares refitted with weights x^2, keeping the best (whose
+    L is redone at the end from its iscale, as in _make_qkx2_quants).
+    Returns (scale [n], L [group, n] float32 of integers in 0..2*nmax-1)."""
+    big = _signed_max(x, 0)
+    zero = big.abs() < GROUP_MAX_EPS
+    weights = x * x
+    # C: sumlx += w*x[i]*l  ((w * x) * l);  suml2 += w*l*l  ((w * l) * l)
+    weighted = torch.stack([weights * x, weights])
+    products = torch.empty((2, *x.shape), dtype=x.dtype, device=x.device)
+    levels = torch.empty_like(x)
+
+    def round_to_grid(iscale, out):
+        torch.mul(x, iscale, out=out)
+        return out.round_().clamp_(-nmax, nmax - 1)
+
+    def fit(iscale):
+        round_to_grid(iscale, levels)
+        torch.mul(weighted, levels, out=products)
+        products[1].mul_(levels)
+        sumlx, suml2 = _sum_down(products)
+        return sumlx, suml2
+
+    best_iscale = _const(-nmax, x) / big
+    sumlx, suml2 = fit(best_iscale)
+    scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(suml2))
+    best = scale * sumlx
+    for i in range(-9, 10):
+        if i == 0:
+            continue
+        grid = np.float32(nmax) + np.float32(0.1) * np.float32(i)  # C: -(nmax + 0.1f*is) / max
+        iscale = _const(-float(grid), x) / big
+        sumlx, suml2 = fit(iscale)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        scale = torch.where(better, sumlx / suml2, scale)
+        best = torch.where(better, scale * sumlx, best)
+        best_iscale = torch.where(better, iscale, best_iscale)
+    levels = round_to_grid(best_iscale, levels)
+    levels = torch.where(zero, torch.full_like(levels, -nmax), levels)  # C: L = 0 (stored offset by nmax)
+    return torch.where(zero, torch.zeros_like(scale), scale), levels + nmax
+
+
+def _q6_k(x):
+    """quantize_row_q6_K_ref on blocks x [n, 256].
+
+    Each sub-block of 16 gets make_qx_quants(nmax=32); the 16 scales are stored as int8
+    multiples of d = -(scale of largest magnitude)/128, and the values are rounded again
+    against the stored scale to q in 0..63 (x = d*sc*(q - 32)). Packing, per half h of 128
+    values (4 groups of 32): byte l of ql[64h:64h+32] holds group 0's value l (low nibble)
+    and group 2's (high); ql[64h+32:64h+64] groups 1 and 3; qh[32h + l] the top 2 bits of
+    groups 0, 1, 2, 3 in bits 0-1, 2-3, 4-5, 6-7.
+    """
+    n = len(x)
+    scales, L = _make_qx_quants(x.reshape(n * 16, 16).T.contiguous(), 32)
+    scales, L = scales.reshape(n, 16), L.T.reshape(n, 16, 16)
+    max_scale = _signed_max(scales, 1)
+    zero = max_scale.abs() < GROUP_MAX_EPS
+    iscale = torch.where(zero, torch.zeros_like(max_scale), _const(-128.0, x) / max_scale)
+    d = torch.where(zero, torch.zeros_like(iscale), _const(1.0, x) / iscale)
+    sc = torch.round(iscale[:, None] * scales).clamp(max=127).to(torch.int8)
+    sub_d = _f16_round(d)[:, None] * sc.float()  # [n, 16]
+    requant = torch.round(x.reshape(n, 16, 16) / sub_d[:, :, None]).clamp(-32, 31) + 32
+    L = torch.where(sub_d[:, :, None] != 0, requant, L).to(torch.uint8).reshape(n, 2, 4, 32)
+    ql = torch.stack([(L[:, :, 0] & 0x0F) | ((L[:, :, 2] & 0x0F) << 4),
+                      (L[:, :, 1] & 0x0F) | ((L[:, :, 3] & 0x0F) << 4)], 2).reshape(n, 128)
+    qh = ((L[:, :, 0] >> 4) | ((L[:, :, 1] >> 4) << 2) | ((L[:, :, 2] >> 4) << 4)
+          | ((L[:, :, 3] >> 4) << 6)).reshape(n, 64)
+    block = torch.cat([ql, qh, sc.view(torch.uint8), _f16_bytes(d)], 1)
+    block[zero] = 0  # C: memset(&y[i], 0, ...)
+    return block
+
+
+_QUANTIZERS = {"F32": _plain(torch.float32), "F16": _plain(torch.float16), "BF16": _plain(torch.bfloat16),
+               "Q8_0": _q8_0, "Q4_0": lambda x: _q4_0_or_q5_0(x, 16), "Q5_0": lambda x: _q4_0_or_q5_0(x, 32),
+               "Q5_1": _q5_1, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
