@@ -274,23 +274,19 @@ def test_environment_switch_forces_the_references(tmp_path):
         assert out == expected
 
 
-GEMMA3_ON_GPU = pytest.mark.xfail(
-    CUDA, strict=False,
-    reason="open: on the H200 in bf16, gemma3's worst LoRA gradient differs by 0.25 (16-bit) and 0.18 (NF4) "
-           "between kernels on and off, while fp32 through the interpreter agrees to 1e-4; not yet explained")
-
-
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma2",
-                                    pytest.param("gemma3", marks=GEMMA3_ON_GPU)])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma2", "gemma3"])
 @pytest.mark.parametrize("nf4", [False, True], ids=["16bit", "nf4"])
 def test_training_step_with_kernels_equals_references(tmp_path, family, nf4):
     """One step's loss and LoRA gradients, kernels on vs NANOLORA_KERNELS=0, whole model:
     llama (GQA, llama3 rope), qwen2 (q/k/v bias), qwen3 (q/k norm, head_dim != hidden/heads),
     gemma2/gemma3 (GeGLU through the fused MLP; norms, soft-capped attention and the capped
     loss falling back to the references).
-    fp32 on the CPU (tolerance 1e-5, as for the single ops); bf16 under autocast on the GPU,
-    where the two paths round differently: relative error of the loss < 1e-2 and of each
-    gradient tensor < 5e-2 (bf16 has 8 bits of mantissa, and differences compound over layers)."""
+    fp32 on the CPU: the two paths agree to 1e-5 (loss) and 1e-4 (each gradient tensor).
+    bf16 under autocast on the GPU: the two round differently, and rounding compounds over the
+    layers; how much depends on the model (gemma3's LoRA gradients move by ~2.7% in fp16 on
+    the CPU, with kernels or without, and about 8 times that in bf16). So both are compared with
+    the same model's fp32 step without kernels, as the single ops are: the fused path's error
+    must be at most twice the reference's plus two bf16 ulps, per gradient tensor."""
     from hf_fixtures import save_checkpoint
     from nanolora import load_model
     from nanolora.lora import attach_lora, lora_parameters
@@ -320,10 +316,18 @@ def test_training_step_with_kernels_equals_references(tmp_path, family, nf4):
     loss_fused, grads_fused = step()
     ops.use_kernels(False)
     loss_ref, grads_ref = step()
-    loss_tol, grad_tol = (1e-5, 1e-4) if not CUDA else (1e-2, 5e-2)
-    assert abs(loss_fused - loss_ref) / abs(loss_ref) < loss_tol
-    errors = [rel_err(f, r) for f, r in zip(grads_fused, grads_ref)]
-    assert max(errors) < grad_tol, f"worst LoRA gradient error {max(errors):.2e}"
+    if not CUDA:
+        assert abs(loss_fused - loss_ref) / abs(loss_ref) < 1e-5
+        errors = [rel_err(f, r) for f, r in zip(grads_fused, grads_ref)]
+        assert max(errors) < 1e-4, f"worst LoRA gradient error {max(errors):.2e}"
+        return
+    model.float()  # the same (bf16-valued) weights, computed in fp32: the truth
+    autocast = torch.autocast("cuda", enabled=False)
+    loss_true, grads_true = step()
+    eps = torch.finfo(torch.bfloat16).eps
+    assert abs(loss_fused - loss_true) <= 2 * abs(loss_ref - loss_true) + eps * abs(loss_true)
+    for i, (f, r, t) in enumerate(zip(grads_fused, grads_ref, grads_true)):
+        assert rel_err(f, t) <= 2 * rel_err(r, t) + 2 * eps, f"LoRA gradient {i}: {rel_err(f, t):.3g} vs {rel_err(r, t):.3g}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
