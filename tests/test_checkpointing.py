@@ -2,6 +2,9 @@
 no checkpointing. Checkpointing only changes where tensors wait and what is recomputed, so on
 the CPU (offload keeps the inputs where they are) the gradients are bit-equal; on the GPU,
 `offload` is bit-equal to `true` (the same kernels on the same bytes) and needs less memory."""
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -95,15 +98,29 @@ def test_offload_hooks_on_cpu_with_streams_stubbed(model_and_batch, monkeypatch)
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None, raising=False)
     real_empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: real_empty(*a, **k))
-    offloaders = []
+    offloaders, block_inputs = [], []
 
     def offloader_for(mode, device):
         offloaders.append(checkpointing.BlockInputOffloader(device))
         return offloaders[-1]
     monkeypatch.setattr(checkpointing, "offloader_for", offloader_for)
+    real_hooks = checkpointing.BlockInputOffloader.hooks
+
+    def hooks(self, block_input):
+        block_inputs.append(weakref.ref(block_input))
+        return real_hooks(self, block_input)
+    monkeypatch.setattr(checkpointing.BlockInputOffloader, "hooks", hooks)
     model, ids, labels = model_and_batch
     torch.manual_seed(3)
     plain = lora_grads(model, ids, labels, False)
+    torch.manual_seed(3)
+    model.grad_checkpointing = "offload"
+    loss = model(ids, None, None, None, labels=labels)
+    gc.collect()
+    # the point of offloading: after the forward nothing holds a block's input any more
+    assert block_inputs and not any(ref() is not None for ref in block_inputs)
+    del loss
+    offloaders.clear()
     torch.manual_seed(3)
     offload = lora_grads(model, ids, labels, "offload")
     assert len(offloaders) == 1 and len(offloaders[0].inputs) == len(model.layers)
@@ -130,7 +147,8 @@ def test_offload_equals_true_on_gpu_and_saves_memory(tmp_path, nf4):
             loss, grads = lora_grads(model, ids, ids, mode)
         torch.cuda.synchronize()
         results.append((loss, grads, torch.cuda.max_memory_allocated() - base))
-    (loss_t, grads_t, peak_t), (loss_o, grads_o, peak_o), (loss_t2, grads_t2, _) = results
+    # the second `true` run's peak: the first one's includes one-time workspaces
+    (loss_t2, grads_t2, _), (loss_o, grads_o, peak_o), (loss_t, grads_t, peak_t) = results
 
     def worst(a, b):
         return max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b))
@@ -143,6 +161,7 @@ def test_offload_equals_true_on_gpu_and_saves_memory(tmp_path, nf4):
     assert worst(grads_o, grads_t) <= 2 * noise + 1e-7
     inputs = 8 * ids.numel() * 256 * 2  # 8 blocks' inputs in bf16
     if peak_o >= peak_t - 0.25 * inputs:
-        # measured on an H200: bf16 base 94.9 vs 159.7 MiB, but NF4 base 94.9 vs 95.7, and at 8B
-        # shapes offload is slower and no leaner than keeping the inputs (issue 9 stays open)
+        # measured on an H200 (torch 2.11): no lower than `true` (e.g. NF4 94.9 vs 95.7 MiB), and at
+        # 8B shapes no leaner either, although the CPU test above shows the inputs are let go
+        # (issue 9 stays open)
         pytest.xfail(f"offload did not lower the peak: {peak_o / 2**20:.1f} vs {peak_t / 2**20:.1f} MiB")
