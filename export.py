@@ -13,7 +13,6 @@ q4_k, q6_k (every 2-D weight in that type) or q4_k_m (llama.cpp's mix: see
 nanolora/gguf_write.py); gguf-lora: f32 (default), f16, bf16, q8_0. GGUF tensors are quantized
 on --device (default: cuda when there is one, else the CPU's threads), with llama.cpp's bytes.
 """
-import argparse
 import json
 import sys
 import time
@@ -21,19 +20,19 @@ from pathlib import Path
 
 import torch
 
-from nanolora import load_model
+from nanolora import cli, load_model
 from nanolora.checkpoint import DTYPES, parse_size, save_merged
+from nanolora.config import ModelConfig
 from nanolora.default_model import resolve_model
-from nanolora.files import atomic_path
 from nanolora.gguf_write import LORA_QUANTS, QUANTS, write_gguf_lora, write_gguf_model
 from nanolora.load import resolve_checkpoint
-from nanolora.peft import CONFIG_FILE, save_adapter
+from nanolora.peft import CONFIG_FILE, adapter_folder, save_adapter
 
 FORMATS = ("peft", "merged", "gguf", "gguf-lora")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", help="the base model: HF folder, hub id or .gguf file "
                                        "(default: the adapter's base_model_name_or_path)")
     parser.add_argument("--adapter", required=True, help="the PEFT adapter folder train.py wrote")
@@ -61,12 +60,22 @@ def parse_args(argv=None):
         args.shard_size = parse_size(args.shard_size)
     except ValueError as e:
         parser.error(f"--shard_size: {e}")
+    out = Path(args.out)
+    wants_folder = args.format in ("peft", "merged")
+    if out.exists() and out.is_dir() != wants_folder:
+        parser.error(f"--out {out} is a {'file' if wants_folder else 'folder'}; --format {args.format} "
+                     f"writes a {'folder' if wants_folder else 'file'}")
+    if out.exists() and not args.force:
+        parser.error(f"--out {out} already exists (pass --force to replace it)")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        parser.error(f"--out {out}: {blocking} is a file, not a folder")
     return args
 
 
 def recorded_base(adapter):
     """The base_model_name_or_path the adapter's config records, or None."""
-    file = Path(adapter) / CONFIG_FILE
+    file = adapter_folder(adapter) / CONFIG_FILE
     try:
         base = json.loads(file.read_text()).get("base_model_name_or_path")
         return base if isinstance(base, str) else None
@@ -79,7 +88,7 @@ def stored_dtype(base):
     it neither rounds nor doubles its size; fp32 when unknown (and for GGUF files)."""
     if str(base).endswith(".gguf"):
         return torch.float32
-    config = json.loads((resolve_checkpoint(base) / "config.json").read_text())
+    config = ModelConfig.from_json(resolve_checkpoint(base) / "config.json").hf_config
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
 
@@ -107,8 +116,6 @@ class Progress:
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise FileExistsError(f"{out} already exists (pass --force to replace it)")
     if not Path(args.adapter).is_dir():
         raise FileNotFoundError(f"--adapter {args.adapter}: no such adapter folder")
     base_name = args.base or recorded_base(args.adapter)
@@ -121,8 +128,7 @@ def main(argv=None):
     source = base if str(base).endswith(".gguf") else resolve_checkpoint(base)
     name = Path(str(base_name).rstrip("/")).stem
     if args.format == "peft":
-        with atomic_path(out) as tmp:
-            save_adapter(model, tmp, base_model_name_or_path=base_name)
+        save_adapter(model, out, base_model_name_or_path=base_name)
     elif args.format == "merged":
         save_merged(model, tokenizer, out, DTYPES[args.dtype], args.shard_size, source, Progress())
     elif args.format == "gguf":
@@ -134,7 +140,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        sys.exit(f"export: {e}")
+    cli.run(main, "export.py")

@@ -23,13 +23,14 @@ from pathlib import Path
 
 import torch
 
-from nanolora import distributed, load_model
+from nanolora import cli, distributed, load_model
 from nanolora.cpu_threads import CPUThreads
 from nanolora.data import IGNORE, Batches, load_examples, pad_token_id, split_eval
 from nanolora.default_model import DEFAULT_MODEL, resolve_model
-from nanolora.files import atomic_path
 from nanolora.lora import attach_lora, lora_parameters, parse_targets, summary
 from nanolora.peft import adapter_state, load_adapter_weights, save_adapter
+from nanolora.run_folder import (check_same_run, find_resume, load_checkpoint, open_metrics, prepare_out,
+                                 save_checkpoint)
 from nanolora.samples import format_samples, generate_samples
 from nanolora.tracking import REPORT_TO, Tracker, plot_loss
 
@@ -53,8 +54,10 @@ DEFAULTS = dict(
     eval_size=24,               # held-out examples (or a fraction, e.g. 0.05)
     eval_every=0,               # steps; 0 = only before and after training
     log_every=5, save_every=15,  # steps; save_every 0 = only the final adapter
+    save_total_limit=0,         # keep the newest N checkpoints; 0 = keep all
     samples=3,                  # held-out prompts to generate from before and after
     resume="",                  # a checkpoint folder, or "latest" in --out
+    overwrite=False,            # a fresh run may replace the checkpoints and adapter of another run in --out
     device="",                  # default: cuda if available, else cpu
     parallel="ddp",             # under torchrun: ddp replicates the frozen base, fsdp shards it (FSDP2)
     report_to="none",           # also log to tensorboard (in <out>/tensorboard) or wandb
@@ -63,7 +66,7 @@ CHOICES = dict(schedule=("linear", "cosine"), parallel=("ddp", "fsdp"), report_t
 
 
 def parse_settings(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
     for name, default in DEFAULTS.items():
         kind = {bool: _bool, int: int, float: float}.get(type(default), str)
         if name == "eval_size":
@@ -74,12 +77,14 @@ def parse_settings(argv=None):
                             metavar=type(default).__name__.upper() if name not in CHOICES else None,
                             help=f"default: {default}")
     s = parser.parse_args(argv)
-    parse_targets(s.targets)  # fails early, naming the bad target
-    for name in ("r", "seq_len", "batch_size", "grad_accum", "epochs"):
-        if getattr(s, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(s, name)}")
+    try:
+        parse_targets(s.targets)  # fails early, naming the bad target
+    except ValueError as e:
+        parser.error(str(e))
+    cli.check_ranges(parser, s)
     if not 0 <= s.dropout < 1:
         parser.error(f"--dropout must be in [0, 1), got {s.dropout}")
+    s.device = str(cli.parse_device(parser, s.device))
     return s
 
 
@@ -98,7 +103,7 @@ def _checkpointing(text):
 def _count_or_fraction(text):
     """--eval_size: a number of examples (40) or a fraction of them (0.05)."""
     value = float(text)
-    if value < 0 or (value >= 1 and not value.is_integer()):
+    if not math.isfinite(value) or value < 0 or (value >= 1 and not value.is_integer()):
         raise argparse.ArgumentTypeError(f"expected a count or a fraction below 1, got {text!r}")
     return value if value < 1 else int(value)
 
@@ -160,49 +165,6 @@ def weights_checksum(model):
     return total.item()
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(folder, model, optimizer, scheduler, scaler, batches, step, settings):
-    """Adapter (PEFT format) plus everything --resume needs to continue exactly, written by
-    rank 0 under a temporary name and renamed, so a crash never leaves a half checkpoint.
-    Every rank calls it: FSDP2's shards of the adapter and optimizer state are gathered."""
-    adapter, optimizer_state = adapter_state(model), distributed.optimizer_state(model, optimizer)
-    if not distributed.is_main():
-        return
-    with atomic_path(folder) as tmp:
-        save_adapter(model, tmp, settings.model, adapter)
-        torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "data": batches.state_dict(), "launch": distributed.launch(),
-                    "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
-                            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                    "settings": vars(settings)}, tmp / "trainer_state.pt")
-
-
-def load_checkpoint(folder, model, optimizer, scheduler, scaler, batches):
-    """Restore what save_checkpoint wrote besides the adapter (main loads that before the model
-    is sharded); returns the step it was taken at."""
-    state = torch.load(Path(folder) / "trainer_state.pt", weights_only=False)
-    if state.get("launch", "one process") != distributed.launch():
-        sys.exit(f"--resume: {folder} was written by {state.get('launch', 'one process')}, this run by "
-                 f"{distributed.launch()}; resume it the same way (each step's examples depend on it)")
-    distributed.load_optimizer_state(model, optimizer, state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    batches.load_state_dict(state["data"])
-    print(f"resumed from {folder} at step {state['step']}")
-    random.setstate(state["rng"]["python"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["step"]
-
-
-def latest_checkpoint(out):
-    found = sorted(Path(out).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    if not found:
-        sys.exit(f"--resume latest: no checkpoint-* folder in {out}")
-    return found[-1]
-
-
 def peak_memory_gib(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -214,7 +176,7 @@ def main(argv=None):
     s = parse_settings(argv)
     random.seed(s.seed)
     torch.manual_seed(s.seed)
-    device = distributed.setup(torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    device = distributed.setup(torch.device(s.device))
     rank, world = distributed.rank(), distributed.world_size()
     # bf16 autocast where the GPU has bf16; fp16 with loss scaling where it does not; fp32 on CPU
     if device.type == "cuda":
@@ -225,8 +187,10 @@ def main(argv=None):
         threads = CPUThreads()  # as many threads as other processes leave cores idle, looked at again each log
         print(f"CPU threads: {threads.update(sample_s=0.5)} of {threads.max_threads}")
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # a no-op when disabled
-    out = Path(s.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out(s.out, bool(s.resume), s.overwrite, writer=distributed.is_main())
+    if s.resume:  # checked before the model loads: the checkpoint must be intact and of this run
+        resume_folder, resume_state = find_resume(out, s.resume)
+        check_same_run(resume_state.get("settings", {}), vars(s), resume_folder)
     tracker = Tracker(s.report_to if distributed.is_main() else "none", out, vars(s))  # rank 0 reports
 
     # --- load, attach LoRA
@@ -242,10 +206,7 @@ def main(argv=None):
     print(f"loaded {s.model} in {time.time() - t0:.1f}s on {device}" + (f" x {world} ({s.parallel})" if world > 1 else "")
           + f"; LoRA r={s.r} alpha={s.alpha} on {','.join(model.lora_config.targets)}: {summary(model)}")
     if s.resume:
-        folder = latest_checkpoint(out) if s.resume == "latest" else Path(s.resume)
-        if not (folder / "trainer_state.pt").exists():
-            sys.exit(f"--resume: {folder} is not a checkpoint folder (no trainer_state.pt)")
-        load_adapter_weights(model, folder)  # before FSDP2 shards the LoRA matrices
+        load_adapter_weights(model, resume_folder)  # before FSDP2 shards the LoRA matrices
     train_model = distributed.parallelize(model, s.parallel)  # DDP around it, or sharded in place
 
     # --- data
@@ -270,8 +231,8 @@ def main(argv=None):
         return 1 - progress if s.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
-    step = load_checkpoint(folder, model, optimizer, scheduler, scaler, batches) if s.resume else 0
-    last_checkpoint = folder if s.resume else None
+    step = load_checkpoint(resume_folder, resume_state, model, optimizer, scheduler, scaler, batches) if s.resume else 0
+    last_checkpoint = resume_folder if s.resume else None
 
     # --- before
     base_checksum = weights_checksum(model)
@@ -286,7 +247,7 @@ def main(argv=None):
 
     # --- the loop
     model.train()
-    metrics = open(out / "metrics.jsonl" if distributed.is_main() else os.devnull, "a" if s.resume else "w")
+    metrics = open_metrics(out, step if s.resume else None) if distributed.is_main() else open(os.devnull, "w")
     stream = batches.forever()
     window_loss, window_tokens, window_seen, t_window, t_start = torch.zeros((), device=device), 0, 0, time.time(), time.time()
     start_step = step
@@ -337,8 +298,8 @@ def main(argv=None):
     # --- save, and show what changed
     adapter = adapter_state(model)  # every rank: FSDP2's shards are gathered
     if distributed.is_main():
-        save_adapter(model, out, s.model, adapter)
-    print(f"adapter saved to {out}/ (PEFT format)")
+        save_adapter(model, out / "adapter", s.model, adapter)
+    print(f"adapter saved to {out / 'adapter'}/ (PEFT format)")
     if eval_batches:
         eval_after = evaluate(model, eval_batches, device, autocast)
         eval_points.append((step, eval_after))
@@ -364,5 +325,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "train.py")
     distributed.close()

@@ -83,7 +83,7 @@ def parse_size(text) -> int:
         number, factor = text, 1
     try:
         size = int(float(number) * factor)
-    except ValueError:
+    except (ValueError, OverflowError):  # "abc", "infGB"; int(nan) is a ValueError
         raise ValueError(f"shard size {text!r}: expected a size like 5GB, 500MB or 2GiB") from None
     if size <= 0:
         raise ValueError(f"shard size {text!r} must be positive")

@@ -53,18 +53,31 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
         """Build from the dict in an HF config.json; `source` names it in errors."""
+        if not isinstance(hf, dict):
+            raise ValueError(f"{source}: expected a JSON object of model settings, got a {type(hf).__name__}")
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"{source}: model_type {model_type!r} is not supported "
                              f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        check = _Checker(hf, source)
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads"):
-            if not isinstance(hf.get(key), int):
-                raise ValueError(f"{source}: {key} must be an integer, got {hf.get(key)!r}")
+            check.positive_int(key, required=True)
+        for key in ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window"):
+            check.positive_int(key)
+        for key in ("tie_word_embeddings", "attention_bias", "use_sliding_window", "mlp_bias"):
+            check.boolean(key)
+        for key in ("rope_scaling", "rope_parameters", "quantization_config"):
+            check.object(key)
+        check.number("rms_norm_eps", low=0.0)
+        check.number("rope_theta", low=0.0, low_inclusive=False)
         gemma = model_type in GEMMA
         if model_type == "gemma3_text" and hf.get("use_bidirectional_attention"):
             raise ValueError(f"{source}: use_bidirectional_attention=true is not supported (supported: false)")
         n_heads = hf["num_attention_heads"]
+        if hf.get("head_dim") is None and hf["hidden_size"] % n_heads:
+            raise ValueError(f"{source}: hidden_size ({hf['hidden_size']}) is not a multiple of "
+                             f"num_attention_heads ({n_heads}), and head_dim is not given")
         head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
         n_kv_heads = hf.get("num_key_value_heads") or n_heads
         if n_heads % n_kv_heads:
@@ -86,7 +99,10 @@ class ModelConfig:
         if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
             rope_scaling = rope_params
         default_theta = 1_000_000.0 if model_type == "gemma3_text" else 10000.0
-        rope_theta = hf.get("rope_theta") or rope_params.get("rope_theta") or default_theta
+        rope_theta = hf.get("rope_theta")
+        if rope_theta is None:
+            _Checker(rope_params, f"{source}: rope_parameters").number("rope_theta", low=0.0, low_inclusive=False)
+            rope_theta = rope_params.get("rope_theta") or default_theta
         rope_local_theta = None
         if model_type == "gemma3_text":
             rope_local_theta = float(local_params.get("rope_theta") or hf.get("rope_local_base_freq") or 10000.0)
@@ -99,9 +115,13 @@ class ModelConfig:
             needed = {"linear": ["factor"],
                       "llama3": ["factor", "low_freq_factor", "high_freq_factor",
                                  "original_max_position_embeddings"]}.get(rope_type, [])
+            scaling_check = _Checker(rope_scaling, f"{source}: rope_scaling")
             for key in needed:
                 if key not in rope_scaling:
                     raise ValueError(f"{source}: rope_scaling of type {rope_type!r} needs {key!r}")
+                scaling_check.number(key, low=0.0, low_inclusive=False)
+            if rope_type == "llama3" and rope_scaling["low_freq_factor"] == rope_scaling["high_freq_factor"]:
+                raise ValueError(f"{source}: rope_scaling low_freq_factor and high_freq_factor must differ")
             rope_scaling = None if rope_type == "default" else {**rope_scaling, "rope_type": rope_type}
 
         # Mistral has `sliding_window`; Qwen2/3 carry one too but only use it when
@@ -146,17 +166,17 @@ class ModelConfig:
             n_heads=n_heads,
             n_kv_heads=n_kv_heads,
             head_dim=head_dim,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rms_norm_eps=float(_given(hf.get("rms_norm_eps"), 1e-6)),
             rope_theta=float(rope_theta),
             rope_scaling=rope_scaling,
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            max_position_embeddings=_given(hf.get("max_position_embeddings"), 2048),
             attention_bias=model_type == "qwen2" or bool(hf.get("attention_bias")),
             o_bias=model_type in ("llama", "qwen3", *GEMMA) and bool(hf.get("attention_bias")),
             qk_norm=model_type in ("qwen3", "gemma3_text"),
             sliding_window=sliding_window,
             # transformers leaves tie_word_embeddings out of config.json when it is the default:
             # True for Gemma
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
+            tie_word_embeddings=_given(hf.get("tie_word_embeddings"), gemma),
             hidden_act=hidden_act,
             norm_plus_one=gemma,
             scale_embeddings=gemma,
@@ -181,8 +201,10 @@ class ModelConfig:
             hf = json.loads(path.read_text())
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no config.json (expected an HF checkpoint folder)") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
+        except IsADirectoryError:
+            raise ValueError(f"{path}: expected a file, found a folder") from None
         return cls.from_hf(hf, source=str(path))
 
 
@@ -202,3 +224,42 @@ class LoRAConfig:
             raise ValueError(f"LoRA rank r must be an integer >= 1, got {self.r!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+
+
+def _given(value, default):
+    return default if value is None else value
+
+
+class _Checker:
+    """Type and range checks of config.json values, each error naming the file and the key.
+    A missing or null key passes unless `required` (the dataclass default applies)."""
+
+    def __init__(self, values: dict, source: str):
+        self.values, self.source = values, source
+
+    def _fail(self, key, expected):
+        raise ValueError(f"{self.source}: {key} must be {expected}, got {self.values.get(key)!r}")
+
+    def positive_int(self, key, required=False):
+        value = self.values.get(key)
+        if value is None and not required:
+            return
+        # bool is an int in Python; `true` where a size belongs is a mistake, not 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            self._fail(key, "a positive integer")
+
+    def boolean(self, key):
+        if self.values.get(key) is not None and not isinstance(self.values[key], bool):
+            self._fail(key, "true or false")  # "no" is a truthy string
+
+    def object(self, key):
+        if self.values.get(key) is not None and not isinstance(self.values[key], dict):
+            self._fail(key, "a JSON object or null")
+
+    def number(self, key, low, low_inclusive=True):
+        value = self.values.get(key)
+        if value is None:
+            return
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or value < low or (value == low and not low_inclusive):
+            self._fail(key, f"a finite number {'>=' if low_inclusive else '>'} {low:g}")

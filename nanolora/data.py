@@ -141,10 +141,18 @@ def encode_row(row: dict, tokenizer, train_on_prompt: bool = False) -> Example:
     raise ValueError(f"a row with keys {keys} matches no accepted format; accepted: {FORMATS}")
 
 
-def _check_strings(row: dict, *keys):
+def _check_strings(row: dict, *keys, optional=("input",)):
+    """The row's text fields are strings (`null` only where the field is optional)."""
     for key in keys:
-        if row.get(key) is not None and not isinstance(row[key], str):
-            raise ValueError(f'"{key}" must be a string, got {type(row[key]).__name__}')
+        if key in optional and row.get(key) is None:
+            continue
+        if not isinstance(row.get(key), str):
+            raise ValueError(f'"{key}" must be a string, got {_json_type(row.get(key))}')
+
+
+def _json_type(value) -> str:
+    return {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+            list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
 
 
 def _eos(tokenizer) -> list[int]:
@@ -203,6 +211,10 @@ def _encode_conversation(messages, tokenizer, train_on_prompt: bool) -> Example:
                          "(messages, or alpaca rows when there is one) cannot be rendered")
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise ValueError('"messages" must be a list of {"role": ..., "content": ...} objects')
+    for i, message in enumerate(messages):
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                raise ValueError(f'message {i}: "{key}" must be a string, got {_json_type(message.get(key))}')
     pieces = []  # (text, is an assistant turn)
     rendered = ""  # the text the pieces cover so far
     for i, message in enumerate(messages):
@@ -250,7 +262,9 @@ def load_examples(path, tokenizer, seq_len: int, train_on_prompt: bool = False,
     skipped and counted."""
     stats = DataStats(str(path), seq_len)
     examples = []
+    max_chars = _max_chars(tokenizer, seq_len)
     for where, row in read_rows(path, split):
+        row = _cut_long_strings(row, max_chars)
         try:
             example = encode_row(row, tokenizer, train_on_prompt)
         except (ValueError, jinja2.TemplateError) as e:
@@ -273,6 +287,34 @@ def load_examples(path, tokenizer, seq_len: int, train_on_prompt: bool = False,
             if stats.n_skipped else "it has no rows"
         raise ValueError(f"{path}: no training examples: {reason}")
     return examples, stats
+
+
+def _max_chars(tokenizer, seq_len: int) -> int | None:
+    """A length past which a string holds more than seq_len tokens whatever it says: no token
+    covers more characters than the vocabulary's longest entry. Cutting each string there
+    before tokenizing keeps the first seq_len tokens the same (a margin of 8 tokens covers
+    the token cut in two) and spares tokenizing a huge row that truncation would drop."""
+    backend = getattr(tokenizer, "backend", None)
+    if backend is None:
+        return None
+    longest = getattr(tokenizer, "_longest_token", None)
+    if longest is None:
+        longest = max(len(token) for token in backend.get_vocab(with_added_tokens=True))
+        tokenizer._longest_token = longest
+    return (seq_len + 8) * max(longest, 1)
+
+
+def _cut_long_strings(row, max_chars):
+    """The row with each text field (and each message's content) cut to max_chars."""
+    if max_chars is None or not isinstance(row, dict):
+        return row
+    def cut(value):
+        return value[:max_chars] if isinstance(value, str) else value
+    row = {key: cut(value) for key, value in row.items()}
+    if isinstance(row.get("messages"), list):
+        row["messages"] = [{**m, "content": cut(m.get("content"))} if isinstance(m, dict) and "content" in m else m
+                           for m in row["messages"]]
+    return row
 
 
 def split_eval(examples: list, n_eval: int | float, seed: int = 0) -> tuple[list, list]:

@@ -64,6 +64,8 @@ def load_model(name_or_path, device=None, dtype=None, *, adapter=None, load_in_4
         tokenizer = Tokenizer.from_dir(folder)
     # None, or the modules a bitsandbytes 4-bit checkpoint left unquantized
     bnb_skipped = read_bnb_quantization_config(config.hf_config.get("quantization_config"), config_file)
+    tensors = list(tensors)  # (key, load) pairs; nothing is read yet
+    check_layer_count(config, [key for key, _ in tensors], config_file)
 
     with torch.device("meta"):
         model = Transformer(config)
@@ -84,6 +86,16 @@ def load_model(name_or_path, device=None, dtype=None, *, adapter=None, load_in_4
         from nanolora.peft import load_adapter
         load_adapter(model, adapter)
     return model.eval(), tokenizer
+
+
+def check_layer_count(config, keys, source):
+    """The config's layer count against the blocks the checkpoint holds, before a model of
+    that many blocks is built (num_hidden_layers 10**9 would take hours on the meta device)."""
+    blocks = {int(key.split(".")[2]) for key in keys
+              if key.startswith("model.layers.") and key.split(".")[2].isdigit()}
+    if blocks != set(range(config.n_layers)):
+        found = f"{len(blocks)} block(s)" + (f", numbered {min(blocks)}..{max(blocks)}" if blocks else "")
+        raise ValueError(f"{source}: num_hidden_layers is {config.n_layers}, but the checkpoint holds {found}")
 
 
 def matches(module_name: str, patterns) -> bool:

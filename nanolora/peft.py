@@ -8,6 +8,7 @@ module path under `base_model.model.`, e.g.
 """
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -39,8 +40,9 @@ def adapter_state(model) -> dict:
 
 
 def save_adapter(model, folder, base_model_name_or_path=None, state=None):
-    """Write `model`'s adapter (or `state`, adapter_state's result) into `folder` (created if
-    needed), each file atomically."""
+    """Write `model`'s adapter (or `state`, adapter_state's result) as the folder `folder`,
+    replaced whole and atomically (see files.atomic_path): its config and weights always come
+    from the same save."""
     cfg = model.lora_config
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM",
@@ -50,21 +52,33 @@ def save_adapter(model, folder, base_model_name_or_path=None, state=None):
         "bias": "none", "use_dora": False, "fan_in_fan_out": False, "modules_to_save": None,
         "init_lora_weights": True, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
     }
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        save_file(adapter_state(model) if state is None else state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def adapter_folder(folder) -> Path:
+    """The adapter in `folder`: the folder itself, or the `adapter/` a train.py run folder holds."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / WEIGHTS_FILE) as tmp:
-        save_file(adapter_state(model) if state is None else state, tmp, metadata={"format": "pt"})
-    with atomic_path(folder / CONFIG_FILE) as tmp:
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
+    if not (folder / CONFIG_FILE).exists() and (folder / "adapter" / CONFIG_FILE).exists():
+        return folder / "adapter"
+    return folder
 
 
 def read_adapter_config(folder) -> dict:
     """adapter_config.json -> LoRAConfig, refusing what nanolora cannot apply."""
-    file = Path(folder) / CONFIG_FILE
-    if not file.exists():
+    file = adapter_folder(folder) / CONFIG_FILE
+    if not file.is_file():
         raise FileNotFoundError(f"{file}: no adapter config (expected a PEFT LoRA adapter folder "
                                 f"with {CONFIG_FILE} and {WEIGHTS_FILE})")
-    config = json.loads(file.read_text())
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: expected a JSON object, got a {type(config).__name__}")
+
     def refuse(key, got, expected):
         raise ValueError(f"{file}: {key}={got!r} is not supported (supported: {expected})")
     if config.get("peft_type", "LORA") != "LORA":
@@ -81,17 +95,32 @@ def read_adapter_config(folder) -> dict:
     if isinstance(targets, str):  # PEFT accepts a regex or "all-linear" (every linear but the head) here
         targets = ["all"] if targets == "all-linear" else refuse(
             "target_modules", targets, "a list of projection names, or 'all-linear'")
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        refuse("target_modules", targets, "a list of projection names, or 'all-linear'")
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    dropout, rslora = config.get("lora_dropout") or 0.0, config.get("use_rslora") or False
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        refuse("r", r, "a positive integer")
+    if not _is_number(alpha) or not math.isfinite(alpha):
+        refuse("lora_alpha", alpha, "a finite number")
+    if not _is_number(dropout) or not 0 <= dropout < 1:
+        refuse("lora_dropout", dropout, "a number in [0, 1)")
+    if not isinstance(rslora, bool):
+        refuse("use_rslora", rslora, "true or false")
     try:
-        return LoRAConfig(parse_targets(targets or []), config["r"], config["lora_alpha"],
-                          config.get("lora_dropout", 0.0), config.get("use_rslora", False))
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"{file}: {e if isinstance(e, ValueError) else f'key {e} is missing'}") from None
+        return LoRAConfig(parse_targets(targets), r, alpha, dropout, rslora)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def load_adapter(model, folder):
     """Attach the adapter in `folder` to `model` and fill in its weights."""
     attach_lora(model, **dataclasses.asdict(read_adapter_config(folder)))
-    return load_adapter_weights(model, folder)
+    return load_adapter_weights(model, adapter_folder(folder))
 
 
 def load_adapter_weights(model, folder):
@@ -104,14 +133,26 @@ def load_adapter_weights(model, folder):
     for name, layer in lora_layers(model):
         expected[peft_key(name, "lora_A")] = layer.lora_A
         expected[peft_key(name, "lora_B")] = layer.lora_B
-    with safe_open(file, framework="pt", device="cpu") as f:
-        for key in f.keys():
+    try:
+        f = safe_open(file, framework="pt", device="cpu")
+        keys = list(f.keys())
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        raise ValueError(f"{file}: not a readable safetensors file, possibly truncated ({e})") from None
+    with f:
+        for key in keys:
             # PEFT may save keys with the adapter name in them ("lora_A.default.weight")
             param = expected.pop(key.replace(".default.weight", ".weight"), None)
             if param is None:
                 raise ValueError(f"{file}: unexpected tensor {key!r} (not a LoRA matrix of the "
                                  f"targets {model.lora_config.targets} on this model)")
-            tensor = f.get_tensor(key)
+            try:
+                tensor = f.get_tensor(key)
+            except Exception as e:
+                raise ValueError(f"{file}: tensor {key!r} could not be read, the file may be truncated ({e})") from None
+            if not tensor.is_floating_point():
+                raise ValueError(f"{file}: tensor {key!r} is {tensor.dtype}, expected floating point")
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{file}: tensor {key!r} holds NaN or infinite values")
             if tensor.shape != param.shape:
                 raise ValueError(f"{file}: tensor {key!r} has shape {list(tensor.shape)}, but the base "
                                  f"model needs {list(param.shape)} (was the adapter trained on another base?)")

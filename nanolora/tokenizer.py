@@ -7,6 +7,7 @@ into one the way transformers 5's LlamaTokenizer converts it, so the ids equal
 the Jinja settings transformers uses, so a prompt reads the same token for token.
 """
 import json
+import time
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -66,6 +67,16 @@ class Tokenizer:
         folder = Path(path)
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: no such folder (expected an HF checkpoint folder)")
+        try:
+            return cls._from_dir(folder)
+        except (TypeError, KeyError, AttributeError, IndexError) as e:
+            # a value of the wrong type somewhere in the tokenizer files (a token that is a
+            # number, a list where an object belongs): one line naming the folder, not a traceback
+            raise ValueError(f"{folder}: the tokenizer files hold a value of an unexpected type "
+                             f"({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def _from_dir(cls, folder: Path) -> "Tokenizer":
         config = _read_json(folder / "tokenizer_config.json")
         # Older checkpoints keep their special tokens in special_tokens_map.json; transformers reads
         # it (over tokenizer_config.json) only when the config has no added_tokens_decoder.
@@ -86,7 +97,11 @@ class Tokenizer:
 
         if (folder / "tokenizer.json").exists():
             # add_bos_token/add_eos_token are ignored here: transformers keeps the file's post-processor
-            backend = Backend.from_file(str(folder / "tokenizer.json"))
+            try:
+                backend = Backend.from_file(str(folder / "tokenizer.json"))
+            except Exception as e:  # tokenizers raises plain Exception for any parse error
+                raise ValueError(f"{folder / 'tokenizer.json'}: not a readable tokenizer.json "
+                                 f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
             if is_llama and '"ByteLevel"' not in backend.to_str():  # Llama 3 ships ByteLevel as Llama*
                 llama_pipeline(backend, legacy, add_prefix_space)
         elif (folder / "tokenizer.model").exists():
@@ -100,7 +115,10 @@ class Tokenizer:
             # LlamaTokenizer's defaults, for configs that do not name these tokens at all
             for name, default in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>")):
                 special_tokens[name] = _token_text(config.get(name, default))
-            backend = _sentencepiece_to_bpe(folder / "tokenizer.model")
+            try:
+                backend = _sentencepiece_to_bpe(folder / "tokenizer.model")
+            except (ValueError, IndexError, KeyError, UnicodeDecodeError) as e:
+                raise ValueError(f"{folder / 'tokenizer.model'}: not a readable sentencepiece model ({e})") from None
             llama_pipeline(backend, legacy, add_prefix_space)
             add_bos_eos = config.get("add_bos_token", False), config.get("add_eos_token", False)
         else:
@@ -168,8 +186,14 @@ class Tokenizer:
             if reasoning is not None:
                 messages[i] = {"thinking": reasoning, **message, "reasoning_content": reasoning}
         variables = {"tools": None, "documents": None, **self.special_tokens, **kwargs}
-        text = _compile_template(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        try:
+            text = _render(_compile_template(self.chat_template), messages=messages,
+                           add_generation_prompt=add_generation_prompt, **variables)
+        except jinja2.TemplateSyntaxError as e:
+            raise ValueError(f"{self.source}: the chat template does not parse (line {e.lineno}: {e.message})") from None
+        except (jinja2.TemplateError, RecursionError, ArithmeticError, MemoryError, TypeError) as e:
+            raise ValueError(f"{self.source}: the chat template failed to render "
+                             f"({type(e).__name__}: {str(e)[:300]})") from None
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
     def __len__(self) -> int:
@@ -180,10 +204,16 @@ class Tokenizer:
 
 
 def _read_json(file: Path) -> dict:
+    """A tokenizer folder's JSON file as a dict ({} when absent); an error names the file."""
     if not file.exists():
         return {}
-    with open(file, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8
+        raise ValueError(f"{file}: not valid JSON ({str(e)[:200]})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _token_text(value):
@@ -291,14 +321,86 @@ def _raise_exception(message):
     raise jinja2.exceptions.TemplateError(message)
 
 
+class _CappedSandbox(ImmutableSandboxedEnvironment):
+    """The sandbox keeps a template from reaching Python; these caps keep it from taking all
+    memory or time: a string or list a template builds holds at most MAX_ITEMS items, an
+    integer power at most MAX_POWER_BITS bits, range() at most MAX_ITEMS steps, and a render
+    stops after MAX_SECONDS (checked at every range step, call, operator and output chunk)."""
+    MAX_ITEMS, MAX_POWER_BITS, MAX_SECONDS = 10_000_000, 4096, 10.0
+    intercepted_binops = frozenset({"*", "**", "+"})
+    deadline = None
+
+    def check_time(self):
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise jinja2.exceptions.SecurityError(f"rendering took over {self.MAX_SECONDS:g} s")
+
+    def call_binop(self, context, operator, left, right):
+        self.check_time()
+        if operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0 \
+                and max(abs(left), 2).bit_length() * right > self.MAX_POWER_BITS:
+            raise jinja2.exceptions.SecurityError(f"{left} ** {right} is too large")
+        if operator == "*" and isinstance(right, (str, list, tuple)):
+            left, right = right, left  # n * sequence
+        if operator == "*" and isinstance(left, (str, list, tuple)) and isinstance(right, int) \
+                and len(left) * right > self.MAX_ITEMS:
+            raise jinja2.exceptions.SecurityError(f"a sequence of {len(left) * right} items is too large")
+        if operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)) \
+                and len(left) + len(right) > self.MAX_ITEMS:
+            raise jinja2.exceptions.SecurityError(f"a sequence of {len(left) + len(right)} items is too large")
+        return super().call_binop(context, operator, left, right)
+
+    def call(self, context, obj, *args, **kwargs):
+        self.check_time()
+        return super().call(context, obj, *args, **kwargs)
+
+    def capped_range(self, *args):
+        steps = range(*args)
+        if len(steps) > self.MAX_ITEMS:
+            raise jinja2.exceptions.SecurityError(f"range of {len(steps)} steps is too large")
+        return _TimedRange(self, steps)
+
+
+class _TimedRange:
+    """A range whose iteration checks the render's deadline (a loop with an empty body calls nothing)."""
+
+    def __init__(self, env, steps):
+        self.env, self.steps = env, steps
+
+    def __len__(self):
+        return len(self.steps)
+
+    def __iter__(self):
+        for n, value in enumerate(self.steps):
+            if n % 1024 == 0:
+                self.env.check_time()
+            yield value
+
+
+def _render(template, **variables) -> str:
+    """template.render, under the caps of _CappedSandbox (output included)."""
+    env = template.environment
+    env.deadline = time.monotonic() + env.MAX_SECONDS
+    try:
+        chunks, size = [], 0
+        for chunk in template.generate(**variables):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > env.MAX_ITEMS:
+                raise jinja2.exceptions.SecurityError(f"the rendering passed {env.MAX_ITEMS} characters")
+            env.check_time()
+        return "".join(chunks)
+    finally:
+        env.deadline = None
+
+
 @lru_cache
 def _compile_template(template: str) -> jinja2.Template:
     """Templates are untrusted code from the hub: a sandbox that cannot mutate its inputs. The
     settings and helpers are transformers': trim_blocks/lstrip_blocks, {% break %}/{% continue %},
     raise_exception(), strftime_now(), and a tojson that keeps non-ASCII and does not
     HTML-escape (Jinja's own writes '<' as \\u003c)."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env = _CappedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env.globals["range"] = env.capped_range
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
