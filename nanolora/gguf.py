@@ -39,6 +39,7 @@ OTHER_GGML_TYPES = {9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 15: "Q8_K", 16: "IQ2_XXS"
 # metadata value types: fixed-size ones as struct formats; 8 is a string, 9 an array
 _SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
+MAX_ARRAY_DEPTH = 4  # llama.cpp writes flat arrays; deeper nesting is a hostile file, not a model
 
 
 class GGUFFile:
@@ -82,6 +83,8 @@ class GGUFFile:
             dims = [self._unpack("Q") for _ in range(self._unpack("I"))]
             infos.append((name, tuple(reversed(dims)), self._unpack("I"), self._unpack("Q")))
         alignment = self.metadata.get("general.alignment", 32)
+        if not isinstance(alignment, int) or alignment < 1 or alignment & (alignment - 1):
+            raise ValueError(f"{self.path}: general.alignment must be a power of two, got {alignment!r}")
         data_start = -(-self._pos // alignment) * alignment  # round up to the alignment
         self.tensors = {}
         for name, shape, ggml_type, offset in infos:
@@ -114,17 +117,20 @@ class GGUFFile:
         start = self._take(n)
         return str(self._buf[start:start + n], "utf-8")
 
-    def _value(self, value_type):
+    def _value(self, value_type, depth=0):
         if value_type in _SCALAR_FORMATS:
             return self._unpack(_SCALAR_FORMATS[value_type])
         if value_type == _STRING:
             return self._string()
         if value_type == _ARRAY:
             item_type, count = self._unpack("I"), self._unpack("Q")
+            if depth >= MAX_ARRAY_DEPTH:
+                raise ValueError(f"{self.path}: metadata arrays nested deeper than {MAX_ARRAY_DEPTH} "
+                                 f"at offset {self._pos - 12}")
             if item_type in _SCALAR_FORMATS:  # one vectorised read (token scores, types ...)
                 dtype = np.dtype("<" + _SCALAR_FORMATS[item_type])
                 return np.frombuffer(self._buf, dtype, count, self._take(count * dtype.itemsize)).tolist()
-            return [self._value(item_type) for _ in range(count)]
+            return [self._value(item_type, depth + 1) for _ in range(count)]
         raise ValueError(f"{self.path}: unknown metadata value type {value_type} at offset {self._pos - 4}")
 
     def tensor(self, name) -> torch.Tensor:
@@ -224,6 +230,9 @@ def hf_config(gguf, arch) -> dict:
     if "token_embd.weight" not in gguf.tensors:
         raise ValueError(f"{path}: no tensor 'token_embd.weight' (the token embedding)")
     hidden, n_heads = key("embedding_length"), key("attention.head_count")
+    for name, value in (("embedding_length", hidden), ("attention.head_count", n_heads)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{path}: {arch}.{name} must be a positive integer, got {value!r}")
     # llama writes the rotary width as rope.dimension_count (= head_dim: all of it rotates)
     head_dim = meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count") \
         or hidden // n_heads
@@ -315,6 +324,16 @@ _LLAMA3_LIKE = ("llama-bpe", "llama3", "llama-v3", "falcon3", "pixtral")
 CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (1 normal, 2 unknown, 5 unused, 6 byte)
 
 
+def _bpe(path, vocab, merges, **options):
+    """A BPE backend; tokenizers' own error (a merge of tokens not in the vocabulary, say) named with the file."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models
+    try:
+        return Backend(models.BPE(vocab, merges, **options))
+    except Exception as e:  # tokenizers raises plain Exception
+        raise ValueError(f"{path}: the tokenizer metadata does not make a BPE vocabulary ({e})") from None
+
+
 def gguf_tokenizer(gguf):
     """The tokenizer the file's `tokenizer.*` metadata describes, as a nanolora Tokenizer.
 
@@ -336,14 +355,24 @@ def gguf_tokenizer(gguf):
         raise ValueError(f"{path}: tokenizer.ggml.model {kind!r} is not supported (supported: gpt2, llama, "
                          f"with a tokenizer.ggml.tokens list)")
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    for name, values, kinds in (("tokens", tokens, str), ("token_type", types, int),
+                                ("scores", meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens), (int, float))):
+        if not isinstance(values, list) or len(values) != len(tokens) or not all(isinstance(v, kinds) for v in values):
+            raise ValueError(f"{path}: tokenizer.ggml.{name} must be a list of {len(tokens)} "
+                             f"{getattr(kinds, '__name__', 'number')} values")
     vocab = {token: i for i, token in enumerate(tokens)}
     if kind == "gpt2":
         if pre not in PRE_TOKENIZERS:
             raise ValueError(f"{path}: tokenizer.ggml.pre {pre!r} is not supported "
                              f"(supported: {', '.join(PRE_TOKENIZERS)})")
         # llama.cpp splits a merge at the first space after its first character
-        merges = [(m[:m.index(" ", 1)], m[m.index(" ", 1) + 1:]) for m in meta.get("tokenizer.ggml.merges", [])]
-        tok = Backend(models.BPE(vocab, merges, ignore_merges=pre in _LLAMA3_LIKE))
+        merges = meta.get("tokenizer.ggml.merges", [])
+        bad = next((m for m in merges if not isinstance(m, str) or " " not in m[1:]), None) \
+            if isinstance(merges, list) else merges
+        if bad is not None:
+            raise ValueError(f"{path}: tokenizer.ggml.merges holds {str(bad)[:80]!r}, not a merge \"left right\"")
+        merges = [(m[:m.index(" ", 1)], m[m.index(" ", 1) + 1:]) for m in merges]
+        tok = _bpe(path, vocab, merges, ignore_merges=pre in _LLAMA3_LIKE)
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZERS[pre]]
             + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -356,8 +385,10 @@ def gguf_tokenizer(gguf):
         # best merged score first; ties as transformers' generate_merges orders them
         candidates.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
         unk_id = meta.get("tokenizer.ggml.unknown_token_id")
-        tok = Backend(models.BPE(vocab, [(a, b) for a, b, _ in candidates], fuse_unk=True, byte_fallback=True,
-                                 unk_token=None if unk_id is None else tokens[unk_id]))
+        if unk_id is not None and not (isinstance(unk_id, int) and 0 <= unk_id < len(tokens)):
+            raise ValueError(f"{path}: tokenizer.ggml.unknown_token_id {unk_id!r} is not a token id")
+        tok = _bpe(path, vocab, [(a, b) for a, b, _ in candidates], fuse_unk=True, byte_fallback=True,
+                   unk_token=None if unk_id is None else tokens[unk_id])
         llama_pipeline(tok, legacy=False, add_prefix_space=meta.get("tokenizer.ggml.add_space_prefix", True))
         add_bos_default = True
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)

@@ -93,7 +93,8 @@ def check_layer_count(config, keys, source):
     that many blocks is built (num_hidden_layers 10**9 would take hours on the meta device)."""
     blocks = {int(key.split(".")[2]) for key in keys
               if key.startswith("model.layers.") and key.split(".")[2].isdigit()}
-    if blocks != set(range(config.n_layers)):
+    # distinct integers: exactly 0..n-1 when there are n of them from 0 to n-1 (no set(range(10**9)))
+    if len(blocks) != config.n_layers or (blocks and (min(blocks), max(blocks)) != (0, config.n_layers - 1)):
         found = f"{len(blocks)} block(s)" + (f", numbered {min(blocks)}..{max(blocks)}" if blocks else "")
         raise ValueError(f"{source}: num_hidden_layers is {config.n_layers}, but the checkpoint holds {found}")
 

@@ -139,6 +139,9 @@ class Tokenizer:
             chat_template = {t["name"]: t["template"] for t in chat_template}
         if isinstance(chat_template, dict):
             chat_template = chat_template.get("default")
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise ValueError(f"{folder / 'tokenizer_config.json'}: chat_template must be a string, "
+                             f"got {type(chat_template).__name__}")
         generation_eos = _read_json(folder / "generation_config.json").get("eos_token_id")
         extra_eos_ids = generation_eos if isinstance(generation_eos, list) else [generation_eos]
         return cls(backend, special_tokens, extra_tokens, chat_template, extra_eos_ids, add_bos_eos,
