@@ -389,7 +389,9 @@ def gguf_tokenizer(gguf):
             raise ValueError(f"{path}: tokenizer.ggml.unknown_token_id {unk_id!r} is not a token id")
         tok = _bpe(path, vocab, [(a, b) for a, b, _ in candidates], fuse_unk=True, byte_fallback=True,
                    unk_token=None if unk_id is None else tokens[unk_id])
-        llama_pipeline(tok, legacy=False, add_prefix_space=meta.get("tokenizer.ggml.add_space_prefix", True))
+        llama_pipeline(tok, add_prefix_space=meta.get("tokenizer.ggml.add_space_prefix", True),
+                       precompiled_charsmap=bytes(meta.get("tokenizer.ggml.precompiled_charsmap") or b""),
+                       remove_extra_whitespaces=bool(meta.get("tokenizer.ggml.remove_extra_whitespaces", False)))
         add_bos_default = True
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                             for t, ttype in zip(tokens, types) if ttype == CONTROL])

@@ -7,6 +7,7 @@ into one the way transformers 5's LlamaTokenizer converts it, so the ids equal
 the Jinja settings transformers uses, so a prompt reads the same token for token.
 """
 import json
+import struct
 import time
 from datetime import datetime
 from functools import lru_cache
@@ -15,7 +16,7 @@ from pathlib import Path
 import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
 # The named special tokens transformers knows (and passes to chat templates when set).
@@ -60,6 +61,11 @@ class Tokenizer:
             _set_bos_eos_post_processor(backend, self.bos_token, self.eos_token, *add_bos_eos)
         # transformers skips its decode clean-up for BPE models (it would eat spaces before punctuation)
         self.clean_up_spaces = clean_up_spaces and not isinstance(backend.model, models.BPE)
+        # sentencepiece pipelines put a '▁' before each piece of text between added tokens
+        # (llama_pipeline); decode takes it off each piece again, so decode(encode(s)) == s
+        prefixes_pieces = backend.normalizer is not None and b'"Prepend"' in backend.normalizer.__getstate__()
+        self._piece_breaks = {i: t.content for i, t in backend.get_added_tokens_decoder().items()
+                              if not t.normalized} if prefixes_pieces else {}
 
     @classmethod
     def from_dir(cls, path) -> "Tokenizer":
@@ -92,7 +98,7 @@ class Tokenizer:
         tokenizer_class = config.get("tokenizer_class")
         model_type = _read_json(folder / "config.json").get("model_type")
         is_llama = tokenizer_class in LLAMA_CLASSES and model_type in (None, "llama")
-        legacy, add_prefix_space = config.get("legacy", False), config.get("add_prefix_space")
+        add_prefix_space = config.get("add_prefix_space")
         add_bos_eos = None
 
         if (folder / "tokenizer.json").exists():
@@ -103,7 +109,7 @@ class Tokenizer:
                 raise ValueError(f"{folder / 'tokenizer.json'}: not a readable tokenizer.json "
                                  f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
             if is_llama and '"ByteLevel"' not in backend.to_str():  # Llama 3 ships ByteLevel as Llama*
-                llama_pipeline(backend, legacy, add_prefix_space)
+                llama_pipeline(backend, add_prefix_space)
         elif (folder / "tokenizer.model").exists():
             if not is_llama:
                 raise ValueError(
@@ -116,10 +122,13 @@ class Tokenizer:
             for name, default in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>")):
                 special_tokens[name] = _token_text(config.get(name, default))
             try:
-                backend = _sentencepiece_to_bpe(folder / "tokenizer.model")
+                backend, normalizer_spec = _sentencepiece_to_bpe(folder / "tokenizer.model")
             except (ValueError, IndexError, KeyError, UnicodeDecodeError) as e:
                 raise ValueError(f"{folder / 'tokenizer.model'}: not a readable sentencepiece model ({e})") from None
-            llama_pipeline(backend, legacy, add_prefix_space)
+            if add_prefix_space is None:
+                add_prefix_space = normalizer_spec["add_dummy_prefix"]
+            llama_pipeline(backend, add_prefix_space, **{k: v for k, v in normalizer_spec.items()
+                                                         if k != "add_dummy_prefix"})
             add_bos_eos = config.get("add_bos_token", False), config.get("add_eos_token", False)
         else:
             raise FileNotFoundError(f"{folder}: no tokenizer.json or tokenizer.model in this folder")
@@ -164,7 +173,17 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         ids = ids.tolist() if hasattr(ids, "tolist") else ids  # tensors and arrays
         ids = [ids] if isinstance(ids, int) else list(ids)
-        text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        if self._piece_breaks and not skip_special_tokens and any(i in self._piece_breaks for i in ids):
+            text, run = "", []
+            for i in ids + [None]:
+                if i is None or i in self._piece_breaks:
+                    text += self.backend.decode(run, skip_special_tokens=False) if run else ""
+                    text += self._piece_breaks.get(i, "")
+                    run = []
+                else:
+                    run.append(i)
+        else:
+            text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
         if self.clean_up_spaces:  # transformers' clean-up: undo the spaces WordPiece-era tokenizers put back
             for spaced in (" .", " ?", " !", " ,", " ' ", " n't", " 'm", " 's", " 've", " 're"):
                 text = text.replace(spaced, spaced.strip())
@@ -233,40 +252,71 @@ def _set_bos_eos_post_processor(backend: Backend, bos, eos, add_bos: bool, add_e
     backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
 
 
-def llama_pipeline(backend: Backend, legacy: bool, add_prefix_space):
-    """transformers 5's LlamaTokenizer pipeline: no normalizer; spaces become '▁' and one '▁' is put
-    before the text (legacy=False: only at its very start, legacy=True: also after every special
-    token, as the old sentencepiece-based tokenizer did); decoding undoes both and joins byte pieces."""
+def llama_pipeline(backend: Backend, add_prefix_space=None, precompiled_charsmap=b"",
+                   remove_extra_whitespaces=False, split_words=None):
+    """A sentencepiece model's text pipeline, as the sentencepiece library runs it: its
+    normalization rule (`precompiled_charsmap`: NFKC and the like; empty for Llama's identity),
+    whitespace runs collapsed if the model says so, one '▁' before the text (add_dummy_prefix)
+    and every space as '▁'. Decoding undoes the '▁'s, joins byte pieces and drops the one
+    leading space the prefix added.
+
+    As a normalizer, the prefix goes before each piece of text between special tokens: that
+    is what the model was trained on (`[bos] + sp.encode(text)`, each template part encoded on
+    its own) and what llama.cpp does. A '▁' is added even before text that starts with a
+    space, so " Hello" is '▁' '▁Hello', as in sentencepiece. (transformers 5's LlamaTokenizer
+    uses a Metaspace pre-tokenizer instead, which skips the prefix there and, with legacy=False,
+    after special tokens: those ids are not sentencepiece's.)
+
+    split_words: how sentencepiece's BPE cuts the text into words before merging (merges never
+    cross a word): None, no cut (llama.cpp, and unigram models); "space" before each '▁' (the
+    default); "space_runs" before the first '▁' of a run, the run staying with the word after it
+    (allow_whitespace_only_pieces, as Llama's model has). As sentencepiece's SplitIntoWords."""
     add_prefix_space = True if add_prefix_space is None else add_prefix_space
-    prepend_scheme = ("always" if legacy else "first") if add_prefix_space else "never"
-    backend.normalizer = None
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend_scheme,
-                                                     split=False)
+    steps = [normalizers.Precompiled(precompiled_charsmap)] if precompiled_charsmap else []
+    if remove_extra_whitespaces:
+        steps += [normalizers.Strip(), normalizers.Replace(Regex(" {2,}"), " ")]
+    steps += ([normalizers.Prepend("▁")] if add_prefix_space else []) + [normalizers.Replace(" ", "▁")]
+    backend.normalizer = normalizers.Sequence(steps)
+    words = {None: None, "space": "▁[^▁]*|[^▁]+", "space_runs": "▁+[^▁]*|[^▁]+"}[split_words]
+    backend.pre_tokenizer = None if words is None else pre_tokenizers.Split(Regex(words), behavior="isolated")
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     backend.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if add_prefix_space else []))
 
 
-def _sentencepiece_to_bpe(model_file: Path) -> Backend:
-    """A sentencepiece model as the byte-fallback BPE transformers 5 builds from it (for BPE and
-    unigram models alike): the pieces in id order are the vocabulary, and every split of a piece
-    into two pieces is a merge, ranked by the id of the merged piece (sentencepiece gives better
-    pieces lower ids). Control pieces (<s>, </s>) become added special tokens, user-defined ones
-    added tokens, so text spelling them maps to their id."""
-    pieces = _read_sentencepiece_pieces(model_file.read_bytes())
-    vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
-    merges = [(piece[:cut], piece[cut:]) for piece, _ in pieces for cut in range(1, len(piece))
-              if piece[:cut] in vocab and piece[cut:] in vocab]
-    backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True))
-    CONTROL, USER_DEFINED = 3, 4  # sentencepiece's ModelProto.SentencePiece.Type
+def _sentencepiece_to_bpe(model_file: Path) -> tuple[Backend, dict]:
+    """A sentencepiece model as a `tokenizers` model that gives its ids, and the settings of its
+    text pipeline (for llama_pipeline). A unigram model becomes tokenizers' Unigram (the same
+    best-score segmentation, with byte fallback); a BPE model the byte-fallback BPE transformers
+    builds from it: the pieces in id order are the vocabulary, and every split of a piece into
+    two pieces is a merge, ranked by the id of the merged piece (sentencepiece gives better
+    pieces lower ids). Control pieces (<s>, </s>) become added special tokens, user-defined
+    ones added tokens, so text spelling them maps to their id."""
+    pieces, spec = _read_sentencepiece_model(model_file.read_bytes())
+    NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4  # sentencepiece's ModelProto.SentencePiece.Type
+    if spec.pop("unigram"):
+        unk_id = next((i for i, (_, kind, _) in enumerate(pieces) if kind == UNKNOWN), None)
+        backend = Backend(models.Unigram([(piece, score) for piece, _, score in pieces], unk_id, byte_fallback=True))
+    else:
+        vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
+        merges = [(piece[:cut], piece[cut:]) for piece, _, _ in pieces for cut in range(1, len(piece))
+                  if piece[:cut] in vocab and piece[cut:] in vocab]
+        backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True))
+    # Known difference: the text after a user-defined piece gets its own '▁' (as in llama.cpp);
+    # sentencepiece matches such pieces inside the text, without one. An added token matched
+    # after normalization would be normalized itself, '▁' prefix included, and never match.
     backend.add_tokens([AddedToken(piece, special=kind == CONTROL, normalized=False)
-                        for piece, kind in pieces if kind in (CONTROL, USER_DEFINED)])
-    return backend
+                        for piece, kind, _ in pieces if kind in (CONTROL, USER_DEFINED)])
+    return backend, spec
 
 
-def _read_sentencepiece_pieces(proto: bytes) -> list[tuple[str, int]]:
-    """(piece, type) of each piece in a sentencepiece model file, read straight off the protobuf wire
-    format (no protobuf dependency). ModelProto field 1 is the repeated SentencePiece message, whose
-    field 1 is the piece text and field 3 its type (NORMAL=1 when absent)."""
+def _read_sentencepiece_model(proto: bytes) -> tuple[list[tuple[str, int]], dict]:
+    """(piece, type, score) of each piece in a sentencepiece model file, and the settings of its
+    text pipeline, read straight off the protobuf wire format (no protobuf dependency).
+    ModelProto field 1 is the repeated SentencePiece message (field 1 the piece text, 2 its
+    score, 3 its type, NORMAL=1 when absent); field 2 the TrainerSpec (3 model_type, UNIGRAM=1
+    when absent; 22 split_by_whitespace, true; 26 allow_whitespace_only_pieces, false); field 3
+    the NormalizerSpec (2 precompiled_charsmap, 3 add_dummy_prefix, 4 remove_extra_whitespaces;
+    both true when absent)."""
     def fields(buf):  # (field number, value) pairs of one message; varints as ints, the rest as bytes
         pos = 0
         while pos < len(buf):
@@ -293,12 +343,22 @@ def _read_sentencepiece_pieces(proto: bytes) -> list[tuple[str, int]]:
             if byte < 0x80:
                 return result, pos
 
-    pieces = []
+    pieces, trainer, normalizer = [], {}, {}
     for number, message in fields(proto):
         if number == 1:
             piece = dict(fields(message))
-            pieces.append((piece[1].decode("utf-8"), piece.get(3, 1)))
-    return pieces
+            score = struct.unpack("<f", piece[2])[0] if 2 in piece else 0.0
+            pieces.append((piece[1].decode("utf-8"), piece.get(3, 1), score))
+        elif number == 2:
+            trainer = dict(fields(message))
+        elif number == 3:
+            normalizer = dict(fields(message))
+    unigram = trainer.get(3, 1) == 1
+    split_words = None if unigram or not trainer.get(22, 1) else "space_runs" if trainer.get(26, 0) else "space"
+    spec = {"unigram": unigram, "split_words": split_words,
+            "precompiled_charsmap": bytes(normalizer.get(2, b"")), "add_dummy_prefix": bool(normalizer.get(3, 1)),
+            "remove_extra_whitespaces": bool(normalizer.get(4, 1))}
+    return pieces, spec
 
 
 class _GenerationTag(jinja2.ext.Extension):

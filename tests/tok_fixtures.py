@@ -117,10 +117,11 @@ def make_bpe_tokenizer_dir(path, vocab_size=480, chat_template=None, template_in
     return path
 
 
-def make_sentencepiece_dir(path, model_type="bpe", vocab_size=400, user_defined_symbols=(), **config):
+def make_sentencepiece_dir(path, model_type="bpe", vocab_size=400, user_defined_symbols=(), trainer=None, **config):
     """Train a sentencepiece model (byte fallback on) and write a Llama-2-style folder:
     tokenizer.model + tokenizer_config.json only. `user_defined_symbols` are pieces sentencepiece
-    always keeps whole (like "<sep>"); `config` adds or overrides
+    always keeps whole (like "<sep>"); `trainer` adds or overrides trainer options
+    (normalization_rule_name, add_dummy_prefix ...); `config` adds or overrides
     tokenizer_config.json keys (add_bos_token, add_eos_token, legacy, chat_template ...); a key
     given as None is left out.
     Returns the path."""
@@ -132,7 +133,7 @@ def make_sentencepiece_dir(path, model_type="bpe", vocab_size=400, user_defined_
         vocab_size=vocab_size, byte_fallback=True, character_coverage=0.99, split_digits=True,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2, user_defined_symbols=list(user_defined_symbols),
         # Llama 2 keeps whitespace as written; the pieces must then cover space runs
-        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True)
+        **{"remove_extra_whitespaces": False, "allow_whitespace_only_pieces": True, **(trainer or {})})
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "tokenizer.model"), "wb") as f:
         f.write(model.getvalue())
@@ -154,7 +155,7 @@ def make_llama2_tokenizer_json_dir(path, **config):
     from tokenizers import normalizers, processors
     from transformers import AutoTokenizer
 
-    make_sentencepiece_dir(path)
+    make_sentencepiece_dir(path, trainer=dict(normalization_rule_name="identity"))  # Llama 2's rule
     tok = AutoTokenizer.from_pretrained(path).backend_tokenizer  # the BPE vocab and merges
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tok.pre_tokenizer = None
