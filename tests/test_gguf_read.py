@@ -14,6 +14,7 @@ import torch
 
 gguf = pytest.importorskip("gguf")  # the reference reader (dev extra; absent on the GPU machine)
 
+from export_fixtures import needs_llama_cpp
 from gguf_fixtures import llama3_rope_factors, rewrite_gguf, write_gguf_from_hf
 from hf_fixtures import VOCAB, make_hf_model, save_checkpoint
 from nanolora import load_model
@@ -256,18 +257,29 @@ def test_smollm_pre_tokenizer_splits_digits(checkpoints, tmp_path):
         assert ours.encode(text, add_special_tokens=False) == ref.encode(text).ids, text
 
 
-def test_sentencepiece_tokenizer_matches_transformers(tmp_path):
-    from transformers import AutoTokenizer
+SENTENCEPIECE_TEXTS = [
+    " Hello", "  two  spaces", "\nline", "a\n\nb", "x ", " ", "\t tab", "<s>[INST] hi [/INST]", "<s> [INST]",
+    "Hello</s> after", "</s>x", "<s><s>a", "héllo 日本 🙂 e\u0301", "x  y   z", "<s>hello</s> world",
+]
+
+
+@needs_llama_cpp
+def test_sentencepiece_tokenizer_matches_llama_cpp(tmp_path):
+    """A GGUF sentencepiece vocabulary (tokenizer.ggml.model llama) encodes as llama.cpp's own
+    tokenizer does (llama-cpp-python, vocab_only=True; special tokens parsed), decodes as it
+    does, and decode(encode(s)) == s."""
+    from llama_cpp import Llama
     hf_folder = tmp_path / "hf"
     make_hf_model("llama", rope_scaling=None).save_pretrained(hf_folder)
-    make_sentencepiece_dir(hf_folder)
+    make_sentencepiece_dir(hf_folder, trainer={"normalization_rule_name": "identity"})  # Llama's rule
     path = convert(hf_folder, tmp_path / "gguf")
     _, _, ours = read_gguf_checkpoint(path)
-    ref = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    for text in TEXTS + ["<s>hello</s> world", " leading space", "x  y   z"]:
+    ref = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    for text in TEXTS + SENTENCEPIECE_TEXTS:
         ids = ours.encode(text)
-        assert ids == ref.encode(text), text
-        assert ours.decode(ids) == ref.decode(ids), text
+        assert ids == ref.tokenize(text.encode(), add_bos=True, special=True), text
+        assert ours.decode(ids, skip_special_tokens=True) == ref.detokenize(ids).decode("utf-8"), text
+        assert ours.decode(ours.encode(text, add_special_tokens=False)) == text, text
     assert ours.encode("hi")[0] == ours.bos_token_id == 1  # llama.cpp adds BOS for sentencepiece
 
 
