@@ -173,10 +173,8 @@ def write_gguf_model(model, tokenizer, path, quant="f16", source=None, name=None
 
     def values():
         for tensor_name, shape, ggml_type, key in tensors:
-            if key is None:  # rope_freqs: llama.cpp divides frequency i by factor i, so the
-                # factors are the unscaled frequencies over ours (the same arithmetic as the model's)
-                plain = rope_inv_freq(config.head_dim, config.rope_theta)
-                values = plain.double() / rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling).double()
+            if key is None:
+                values = rope_freqs(config, source)
             else:
                 got_key, values = next(merged, (None, None))
                 if got_key != key:
@@ -190,6 +188,20 @@ def write_gguf_model(model, tokenizer, path, quant="f16", source=None, name=None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     encoded = (_encode_tensor(v, t, device) for v, t in _ahead(values()))
     write_gguf(path, metadata, [(n, s, t) for n, s, t, _ in tensors], _ahead(encoded), progress)
+
+
+def rope_freqs(config, source=None):
+    """rope_freqs.weight: llama.cpp divides frequency i by factor i, so the factors are the
+    unscaled frequencies over ours (the same arithmetic as the model's). A GGUF base's own
+    tensor is carried through as stored: the factors read back from its fit can differ from
+    it in the last bit (1.0 -> 1.0000001)."""
+    if source is not None and str(source).endswith(".gguf"):
+        from nanolora.gguf import GGUFFile
+        base = GGUFFile(source)
+        if "rope_freqs.weight" in base.tensors and base.tensors["rope_freqs.weight"][0] == (config.head_dim // 2,):
+            return base.tensor("rope_freqs.weight")
+    plain = rope_inv_freq(config.head_dim, config.rope_theta)
+    return plain.double() / rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling).double()
 
 
 def write_gguf_lora(model, path, quant="f32", progress=None):

@@ -380,3 +380,20 @@ def test_smollm2_in_llama_cpp(tmp_path, capsys):
         print(f"\nSmolLM2 f16 + GGUF LoRA in llama.cpp vs nanolora merged: {err:.2e} "
               f"(the adapter moves the logits by {rel_err(ref, base_ref):.2e})")
     assert err <= 1e-2 and rel_err(ref, base_ref) > 0.1
+
+
+def test_gguf_base_carries_rope_freqs_exactly(tmp_path):
+    """A llama3-scaled GGUF base exported again keeps its rope_freqs.weight bit for bit; the
+    factors recomputed from the fitted rope_scaling differ from it in the last bits."""
+    from nanolora.gguf_write import rope_freqs
+    # theta 10000 at head_dim 16: one factor of the fitted scaling lands one ulp off (measured)
+    save_checkpoint(tmp_path / "hf", "llama", rope_theta=10000.0)
+    source = write_gguf_from_hf(tmp_path / "hf", tmp_path / "base.gguf", "f32")
+    model, tokenizer = load_model(source, device="cpu")
+    write_gguf_model(model, tokenizer, tmp_path / "again.gguf", "f32", source=source)
+
+    def stored(path):
+        return next(t.data for t in gguf.GGUFReader(path).tensors if t.name == "rope_freqs.weight").tobytes()
+    assert stored(tmp_path / "again.gguf") == stored(source)
+    recomputed = rope_freqs(model.config).float().numpy().tobytes()
+    assert recomputed != stored(source)  # what the export wrote before: the test can fail
