@@ -228,7 +228,8 @@ def hf_config(gguf, arch) -> dict:
         return value
 
     if "token_embd.weight" not in gguf.tensors:
-        raise ValueError(f"{path}: no tensor 'token_embd.weight' (the token embedding)")
+        hint = "; a vocab-only GGUF holds a tokenizer alone: nanolora.load_tokenizer reads it" if not gguf.tensors else ""
+        raise ValueError(f"{path}: no tensor 'token_embd.weight' (the token embedding){hint}")
     hidden, n_heads = key("embedding_length"), key("attention.head_count")
     for name, value in (("embedding_length", hidden), ("attention.head_count", n_heads)):
         if not isinstance(value, int) or value < 1:

@@ -25,6 +25,8 @@ from nanolora.tokenizer import Tokenizer
 HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
              "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
              "chat_template.jinja", "chat_template.json"]
+TOKENIZER_HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
+                      "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json"]
 # Keys some checkpoints carry that hold nothing we load (RoPE tables are recomputed).
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 NF4_BLOCKSIZE = 64  # QLoRA's, and every *-bnb-4bit checkpoint's
@@ -110,7 +112,19 @@ def matches(module_name: str, patterns) -> bool:
                for p in patterns for name in names)
 
 
-def resolve_checkpoint(name_or_path) -> Path:
+def load_tokenizer(name_or_path) -> Tokenizer:
+    """The tokenizer of a model, without its weights: an HF checkpoint folder, a hub repo id
+    (only the tokenizer and config files are fetched), or a .gguf file (a vocab-only GGUF
+    too, as llama.cpp's tokenizer tests use)."""
+    if str(name_or_path).endswith(".gguf"):
+        from nanolora.gguf import GGUFFile, gguf_tokenizer
+        if not Path(name_or_path).is_file():
+            raise FileNotFoundError(f"{name_or_path}: no such GGUF file")
+        return gguf_tokenizer(GGUFFile(name_or_path))
+    return Tokenizer.from_dir(resolve_checkpoint(name_or_path, TOKENIZER_HUB_FILES))
+
+
+def resolve_checkpoint(name_or_path, hub_files=HUB_FILES) -> Path:
     """A local folder as is; otherwise a hub repo id, downloaded (only the files we read)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -121,7 +135,7 @@ def resolve_checkpoint(name_or_path) -> Path:
                                 f"config.json and *.safetensors, a hub repo id like 'org/name', or a .gguf file)")
     from huggingface_hub import snapshot_download
     try:
-        return Path(snapshot_download(str(name_or_path), allow_patterns=HUB_FILES))
+        return Path(snapshot_download(str(name_or_path), allow_patterns=hub_files))
     except Exception as e:  # offline, unknown repo, gated, network: all mean "cannot get it"
         raise FileNotFoundError(f"{name_or_path}: not a local folder, and the Hugging Face hub "
                                 f"could not provide it ({type(e).__name__}: {e})") from None

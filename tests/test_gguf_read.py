@@ -382,3 +382,50 @@ def test_smollm2_q4_1_matches_transformers(capsys):
     assert err <= 1e-5
     assert new.tolist() == ref_new.tolist()
     assert "Paris" in answer
+
+
+def test_load_tokenizer_folder_hub_gguf_and_vocab_only(tmp_path, monkeypatch):
+    """load_tokenizer reads a folder, a hub id (tokenizer files only), a .gguf file and a
+    vocab-only GGUF (no tensors: load_model refuses it, pointing here); each encodes as the
+    reference does (transformers for the folder, llama.cpp for the GGUF files)."""
+    import gguf
+    import huggingface_hub
+    from nanolora import load_tokenizer
+    from transformers import AutoTokenizer
+    hf_folder = tmp_path / "hf"
+    save_checkpoint(hf_folder, "llama_tied")
+    path = convert(hf_folder, tmp_path / "gguf")
+    reader = gguf.GGUFReader(path)
+    writer = gguf.GGUFWriter(str(tmp_path / "vocab.gguf"), reader.fields["general.architecture"].contents())
+    for key, field in reader.fields.items():
+        if key.startswith(("GGUF.", "general.architecture", "general.alignment")):
+            continue
+        writer.add_key_value(key, field.contents(), field.types[0],
+                             sub_type=field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    asked = {}
+
+    def fake_download(repo_id, allow_patterns):
+        asked["patterns"] = allow_patterns
+        return str(hf_folder)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    hub = load_tokenizer("org/model")
+    assert not any("safetensors" in p for p in asked["patterns"])  # no weights fetched for a tokenizer
+
+    hf = AutoTokenizer.from_pretrained(hf_folder)
+    folder = load_tokenizer(hf_folder)
+    from_gguf, vocab_only = load_tokenizer(path), load_tokenizer(tmp_path / "vocab.gguf")
+    with pytest.raises(ValueError, match="a vocab-only GGUF holds a tokenizer alone: nanolora.load_tokenizer reads it"):
+        load_model(tmp_path / "vocab.gguf", device="cpu")
+    if importlib.util.find_spec("llama_cpp"):
+        from llama_cpp import Llama
+        ref = Llama(model_path=str(tmp_path / "vocab.gguf"), vocab_only=True, verbose=False)
+    for text in TEXTS:
+        assert folder.encode(text) == hub.encode(text) == hf(text)["input_ids"], text
+        assert from_gguf.encode(text) == vocab_only.encode(text), text
+        if importlib.util.find_spec("llama_cpp"):
+            assert vocab_only.encode(text) == ref.tokenize(text.encode(), add_bos=True, special=True), text
