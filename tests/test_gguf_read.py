@@ -238,6 +238,21 @@ def test_bpe_tokenizer_matches_transformers(checkpoints, tmp_path, pre):
     assert ours.bos_token == ref.bos_token == "<|begin_of_text|>" and ours.eos_token == ref.eos_token
 
 
+@needs_llama_cpp
+@pytest.mark.parametrize("pre", ["deepseek-llm", "deepseek-coder", "tekken", "deepseek-r1-qwen", "smaug-bpe"])
+def test_more_pre_tokenizers_match_llama_cpp(checkpoints, tmp_path, pre):
+    """Pre-tokenizers llama.cpp writes for DeepSeek (llama, qwen2) and Mistral Nemo models:
+    the same ids as llama.cpp's own tokenizer (vocab_only) on the file."""
+    from llama_cpp import Llama
+    hf_folder, _ = checkpoints["llama"]
+    path = convert(hf_folder, tmp_path, tokenizer_pre=pre)
+    _, _, ours = read_gguf_checkpoint(path)
+    ref = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    for text in TEXTS + ["HELLOWorld camelCase ÉCOLE école getHTTPResponse x/y/z\n\n  end  ",
+                         "中文字符 한국어 日本語テキスト 123456789 ！？ 「引用」 ‘quote’", "tail spaces   "]:
+        assert ours.encode(text) == ref.tokenize(text.encode(), add_bos=True, special=True), (pre, text)
+
+
 def test_smollm_pre_tokenizer_splits_digits(checkpoints, tmp_path):
     """`smollm` (llama.cpp: \\p{N}, then the GPT-2 regex) is SmolLM's tokenizer.json: digits
     one by one, then byte-level with the GPT-2 regex. transformers' GGUF reader has no split
