@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
+_WRITING = set()  # temporary names this process is writing now (a nested atomic_path keeps its parent's)
 
 
 @contextmanager
@@ -26,6 +27,7 @@ def atomic_path(path):
     clean_leftovers(path.parent)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     _remove(tmp)  # ours only by PID reuse (a restarted container): nothing live writes it
+    _WRITING.add(tmp.absolute())
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -40,6 +42,7 @@ def atomic_path(path):
             os.replace(tmp, path)
             _fsync_dir(path.parent)
     finally:
+        _WRITING.discard(tmp.absolute())
         _remove(tmp)
 
 
@@ -54,7 +57,8 @@ def clean_leftovers(folder):
         return
     for entry in entries:
         match = LEFTOVER.match(entry.name)
-        if not match or (int(match["pid"]) != os.getpid() and _alive(int(match["pid"]))):
+        if not match or entry.absolute() in _WRITING or (int(match["pid"]) != os.getpid()
+                                                          and _alive(int(match["pid"]))):
             continue
         target = folder / match["name"]
         if match["kind"] == "old" and not (target.exists() or target.is_symlink()):

@@ -379,17 +379,24 @@ def test_smollm2_in_llama_cpp(tmp_path, capsys):
 
 
 def test_gguf_base_carries_rope_freqs_exactly(tmp_path):
-    """A llama3-scaled GGUF base exported again keeps its rope_freqs.weight bit for bit; the
-    factors recomputed from the fitted rope_scaling differ from it in the last bits."""
+    """A llama3-scaled GGUF base exported again keeps its rope_freqs.weight bit for bit, though
+    factors recomputed from the fitted rope_scaling can differ in the last bit (1.0 ->
+    1.0000001, seen on real files). The base's factors of 1 are nudged by one ulp here, which
+    the fit reads back as 1: the test fails if the export recomputes them."""
+    from gguf_fixtures import rewrite_gguf
     from nanolora.gguf_write import rope_freqs
-    # theta 10000 at head_dim 16: one factor of the fitted scaling lands one ulp off (measured)
-    save_checkpoint(tmp_path / "hf", "llama", rope_theta=10000.0)
-    source = write_gguf_from_hf(tmp_path / "hf", tmp_path / "base.gguf", "f32")
+    save_checkpoint(tmp_path / "hf", "llama")
+    plain = write_gguf_from_hf(tmp_path / "hf", tmp_path / "plain.gguf", "f32")
+    factors = next(t.data for t in gguf.GGUFReader(plain).tensors if t.name == "rope_freqs.weight")
+    # the unscaled frequencies' factor 1.0 becomes 1.0000001, as on the real file the issue saw
+    nudged = np.where(factors == 1, np.nextafter(factors, np.float32(2)), factors).astype(np.float32)
+    source = rewrite_gguf(plain, tmp_path / "base.gguf",
+                          replace_tensors={"rope_freqs.weight": (nudged, gguf.GGMLQuantizationType.F32)})
     model, tokenizer = load_model(source, device="cpu")
     write_gguf_model(model, tokenizer, tmp_path / "again.gguf", "f32", source=source)
 
     def stored(path):
         return next(t.data for t in gguf.GGUFReader(path).tensors if t.name == "rope_freqs.weight").tobytes()
+    assert stored(source) == nudged.tobytes() != factors.tobytes()
     assert stored(tmp_path / "again.gguf") == stored(source)
-    recomputed = rope_freqs(model.config).float().numpy().tobytes()
-    assert recomputed != stored(source)  # what the export wrote before: the test can fail
+    assert rope_freqs(model.config).float().numpy().tobytes() != stored(source)

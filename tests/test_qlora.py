@@ -376,7 +376,7 @@ def test_train_load_in_4bit(tmp_path, capsys):
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["loss"] for r in records[-3:]) < sum(r["loss"] for r in records[:3])
     assert "(changed)" in capsys.readouterr().out
-    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
 
 
 # ---- bad input -------------------------------------------------------------------------------
