@@ -7,6 +7,7 @@ and Gemma's norms, scaled embeddings, soft-capping and per-layer attention kinds
 a new architecture adds its fields here and their use in model.py.
 """
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
