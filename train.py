@@ -190,7 +190,7 @@ def main(argv=None):
     out = prepare_out(s.out, bool(s.resume), s.overwrite, writer=distributed.is_main())
     if s.resume:  # checked before the model loads: the checkpoint must be intact and of this run
         resume_folder, resume_state = find_resume(out, s.resume)
-        check_same_run(resume_state.get("settings", {}), vars(s), resume_folder)
+        check_same_run(resume_state, vars(s), resume_folder)
     tracker = Tracker(s.report_to if distributed.is_main() else "none", out, vars(s))  # rank 0 reports
 
     # --- load, attach LoRA

@@ -106,8 +106,12 @@ def find_resume(out, resume) -> tuple[Path, dict]:
     raise ValueError(f"--resume latest: no intact checkpoint-<step> folder in {out}")
 
 
-def check_same_run(saved: dict, now: dict, folder):
-    """Refuse a resume whose settings make it another run; warn where it changes course."""
+def check_same_run(state: dict, now: dict, folder):
+    """Refuse a resume whose launch or settings make it another run; warn where it changes course."""
+    if state.get("launch", "one process") != distributed.launch():
+        raise ValueError(f"--resume: {folder} was written by {state.get('launch', 'one process')}, this run by "
+                         f"{distributed.launch()}; resume it the same way (each step's examples depend on it)")
+    saved = state.get("settings", {})
     changed = [k for k in SAME_RUN if k in saved and k in now and saved[k] != now[k]]
     if changed:
         diffs = ", ".join(f"--{k} {saved[k]!r} -> {now[k]!r}" for k in changed)
@@ -121,9 +125,6 @@ def check_same_run(saved: dict, now: dict, folder):
 def load_checkpoint(folder, state, model, optimizer, scheduler, scaler, batches) -> int:
     """Restore what save_checkpoint wrote besides the adapter (train.py loads that before the
     model is sharded); returns the step it was taken at."""
-    if state.get("launch", "one process") != distributed.launch():
-        raise ValueError(f"--resume: {folder} was written by {state.get('launch', 'one process')}, this run by "
-                         f"{distributed.launch()}; resume it the same way (each step's examples depend on it)")
     distributed.load_optimizer_state(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])

@@ -99,7 +99,9 @@ def runs(inputs):
 
 
 def adapter(folder):
-    return load_file(Path(folder) / "adapter_model.safetensors")
+    """A run folder's final adapter (<out>/adapter/), or a checkpoint's."""
+    from nanolora.peft import adapter_folder
+    return load_file(adapter_folder(folder) / "adapter_model.safetensors")
 
 
 def metrics(folder):
@@ -147,7 +149,7 @@ def test_resume_under_two_ranks_is_exact(runs, name):
 def test_resume_with_another_world_size_is_refused(runs, tmp_path):
     shutil.copytree(runs / "ddp" / "checkpoint-2", tmp_path / "checkpoint-2")
     argv = flags(runs / "model", runs / "data.jsonl", tmp_path, 4, "--resume", "latest")
-    with pytest.raises(SystemExit, match=r"written by torchrun with 2 process\(es\), this run by one process; resume it the same way"):
+    with pytest.raises(ValueError, match=r"written by torchrun with 2 process\(es\), this run by one process; resume it the same way"):
         train.main(argv)
 
 
