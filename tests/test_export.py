@@ -251,7 +251,8 @@ def test_pipeline_stage_stops_with_its_consumer():
 
 
 def test_non_finite_merged_weight_is_refused(trained, tmp_path):
-    """A NaN in the adapter (a diverged run) is named, and no GGUF file is left behind."""
+    """A NaN in the adapter (a diverged run) is refused as the adapter loads, naming its tensor;
+    finite LoRA matrices whose product overflows are named once merged; no GGUF file is left."""
     from safetensors.torch import load_file, save_file
     info = trained("qwen2")
     adapter = tmp_path / "adapter"
@@ -260,8 +261,14 @@ def test_non_finite_merged_weight_is_refused(trained, tmp_path):
         (adapter / file.name).write_bytes(file.read_bytes())
     tensors = load_file(adapter / "adapter_model.safetensors")
     key = next(k for k in sorted(tensors) if "layers.1.mlp.up_proj.lora_B" in k)
+    finite = {k: v.clone() for k, v in tensors.items()}
     tensors[key][3, 0] = float("nan")
     save_file(tensors, adapter / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=rf"adapter_model.safetensors: tensor '{key}' holds NaN or infinite values"):
+        run_export(dict(info, adapter=adapter), "gguf", tmp_path / "out.gguf", "--quant", "q4_k")
+    finite[key][3, 0] = 3e38  # B A overflows fp32 in the merge
+    finite[key.replace("lora_B", "lora_A")][0] = 1e3
+    save_file(finite, adapter / "adapter_model.safetensors")
     with pytest.raises(ValueError, match=r"GGUF export: weight 'model.layers.1.mlp.up_proj.weight' holds NaN or "
                                          r"infinite values once the adapter is merged"):
         run_export(dict(info, adapter=adapter), "gguf", tmp_path / "out.gguf", "--quant", "q4_k")
