@@ -11,6 +11,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The fuzz tests draw the same examples on every run (a failure found once is found again and
+# CI cannot fail by luck); HYPOTHESIS_RANDOM=1 explores new ones.
+try:
+    from hypothesis import settings as _hypothesis_settings
+    _hypothesis_settings.register_profile("nanolora", derandomize=not os.environ.get("HYPOTHESIS_RANDOM"))
+    _hypothesis_settings.load_profile("nanolora")
+except ImportError:
+    pass
+
 # train.py and export.py are scripts at the repo root, not part of the installed package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
