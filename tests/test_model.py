@@ -120,17 +120,33 @@ def test_sharded_checkpoint_loads_the_same(tmp_path):
 def test_bf16_parity_on_gpu(tmp_path, family):
     """bf16 on the GPU. Both nanolora and transformers round every matmul to bf16 (8 bits of
     mantissa), so neither matches fp32; the test holds nanolora's error against fp32
-    transformers to transformers' own bf16 error (x1.5, plus a floor for tiny errors)."""
+    transformers to transformers' own bf16 error (x1.5, plus a floor for tiny errors).
+
+    With NANOLORA_KERNELS=0 the model definition alone is compared (on the CPU its bf16 logits
+    carry exactly transformers' bf16 error for every family). With the fused kernels, which round
+    in other places, the error is a different draw of the same size; for models that amplify
+    rounding (gemma2's error is 4-6% here) one draw can land past 1.5x by chance (1.51x was
+    seen), so that comparison averages four batches."""
     import transformers
+    from nanolora import ops
     save_checkpoint(tmp_path, family)
     truth_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).cuda().eval()
     hf_bf16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).cuda().eval()
     model, _ = load_model(tmp_path)
     assert model.embed_tokens.weight.dtype == torch.bfloat16
-    ids = torch.randint(0, 512, (2, 64), device="cuda")
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 512, (2, 64), generator=g).cuda() for _ in range(4)]
+    errors = {"kernels": [], "references": [], "transformers": []}
     with torch.no_grad():
-        truth = truth_model(ids).logits
-        ours = rel_err(model(ids).float(), truth)
-        theirs = rel_err(hf_bf16(ids).logits.float(), truth)
-    print(f"{family}: bf16 error vs fp32 — nanolora {ours:.2e}, transformers {theirs:.2e}")
-    assert ours <= 1.5 * theirs + 2e-3
+        for ids in batches:
+            truth = truth_model(ids).logits
+            errors["transformers"].append(rel_err(hf_bf16(ids).logits.float(), truth))
+            errors["kernels"].append(rel_err(model(ids).float(), truth))
+            ops.use_kernels(False)
+            errors["references"].append(rel_err(model(ids).float(), truth))
+            ops.use_kernels(True)
+    mean = {k: sum(v) / len(v) for k, v in errors.items()}
+    print(f"{family}: bf16 error vs fp32 (mean of 4) nanolora {mean['kernels']:.2e}, "
+          f"NANOLORA_KERNELS=0 {mean['references']:.2e}, transformers {mean['transformers']:.2e}")
+    assert errors["references"][0] <= 1.5 * errors["transformers"][0] + 2e-3
+    assert mean["kernels"] <= 1.5 * mean["transformers"] + 2e-3
