@@ -124,9 +124,8 @@ def test_bf16_parity_on_gpu(tmp_path, family):
 
     With NANOLORA_KERNELS=0 the model definition alone is compared (on the CPU its bf16 logits
     carry exactly transformers' bf16 error for every family). With the fused kernels, which round
-    in other places, the error is a different draw of the same size; for models that amplify
-    rounding (gemma2's error is 4-6% here) one draw can land past 1.5x by chance (1.51x was
-    seen), so that comparison averages four batches."""
+    in other places, the error is a different draw of about the same size (gemma2's is 4-6%
+    here), so that comparison averages four batches. The printed line separates the two."""
     import transformers
     from nanolora import ops
     save_checkpoint(tmp_path, family)
