@@ -42,7 +42,6 @@ from nanolora.kernels.lora_projections import (Projection, add_input_grad, dense
                                                project_with_input_lora)
 
 BLOCK = 1024  # elements per program: memory-bound, 4 warps x 32 threads x 8 elements
-GELU_C = 0.7978845608028654  # sqrt(2 / pi)
 
 
 @triton.jit
@@ -54,15 +53,29 @@ def _tanh(x):
 
 
 @triton.jit
+def _activation(e, GELU: tl.constexpr):
+    """(act(e), act'(e)) in fp32, the formulas of the module docstring; one place for both
+    kernels, so forward and backward cannot drift apart (the forward's act' is dead code the
+    compiler drops)."""
+    if GELU:
+        c = 0.7978845608028654  # sqrt(2 / pi)
+        t = _tanh(c * (e + 0.044715 * e * e * e))
+        act = 0.5 * e * (1.0 + t)
+        d_act = 0.5 * (1.0 + t) + 0.5 * e * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * e * e)
+    else:
+        sig = 1.0 / (1.0 + tl.exp(-e))
+        act = e * sig
+        d_act = sig * (1.0 + e * (1.0 - sig))
+    return act, d_act
+
+
+@triton.jit
 def _gated_forward_kernel(e_ptr, g_ptr, h_ptr, n, GELU: tl.constexpr, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
     e = tl.load(e_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    if GELU:
-        act = 0.5 * e * (1.0 + _tanh(0.7978845608028654 * (e + 0.044715 * e * e * e)))
-    else:
-        act = e / (1.0 + tl.exp(-e))
+    act, _ = _activation(e, GELU)
     tl.store(h_ptr + offsets, (act * g).to(h_ptr.dtype.element_ty), mask=mask)
 
 
@@ -74,15 +87,7 @@ def _gated_backward_kernel(dh_ptr, e_ptr, g_ptr, n, GELU: tl.constexpr, BLOCK: t
     dh = tl.load(dh_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     e = tl.load(e_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    if GELU:
-        u = 0.7978845608028654 * (e + 0.044715 * e * e * e)
-        t = _tanh(u)
-        act = 0.5 * e * (1.0 + t)
-        d_act = 0.5 * (1.0 + t) + 0.5 * e * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * e * e)
-    else:
-        sig = 1.0 / (1.0 + tl.exp(-e))
-        act = e * sig
-        d_act = sig * (1.0 + e * (1.0 - sig))
+    act, d_act = _activation(e, GELU)
     tl.store(dh_ptr + offsets, (act * g).to(dh_ptr.dtype.element_ty), mask=mask)
     tl.store(e_ptr + offsets, (dh * g * d_act).to(e_ptr.dtype.element_ty), mask=mask)
     tl.store(g_ptr + offsets, (dh * act).to(g_ptr.dtype.element_ty), mask=mask)
