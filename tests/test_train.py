@@ -75,9 +75,25 @@ def run(checkpoint, out, *flags):
                        "--dropout", "0.1", "--warmup_steps", "2", *flags])
 
 
-def test_resume_continues_exactly(checkpoint, tmp_path):
+@pytest.fixture
+def one_cpu_thread(monkeypatch):
+    """torch on one CPU thread for the whole test, whatever the run's thread policy wants."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # cpu_threads.py leaves the count alone
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    yield
+    monkeypatch.undo()
+    torch.set_num_threads(threads)
+
+
+def test_resume_continues_exactly(checkpoint, tmp_path, one_cpu_thread):
     """10 steps straight == 5 steps, interrupted, then --resume for the other 5 (dropout is on,
-    so the RNG state must be restored too, and the data order and the schedule)."""
+    so the RNG state must be restored too, and the data order and the schedule).
+
+    One thread throughout: a CPU run otherwise follows the machine's idle cores
+    (nanolora/cpu_threads.py), and another thread count sums in another order, which
+    broke bit-equality now and then in full-suite runs on this 2-core machine."""
     run(checkpoint, tmp_path / "straight", "--max_steps", "10", "--save_every", "0")
     # an interrupted run: what it leaves behind is its step-5 checkpoint
     run(checkpoint, tmp_path / "first", "--max_steps", "10", "--save_every", "5")
