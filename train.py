@@ -157,12 +157,16 @@ def evaluate(model, batches, device, autocast):
 
 def weights_checksum(model):
     """A float64 fingerprint of every frozen tensor (NF4 bytes included): unchanged weights
-    give the same number, and any update to them would change it."""
-    total = torch.zeros((), dtype=torch.float64)
+    give the same number, and any update to them would change it. Summed on the device in
+    slices of 16M values, so it costs ~256 MiB, not a float64 copy of the largest tensor (8 GiB
+    for an 8B model's embedding, which would set the run's peak memory)."""
+    total = None
     for t in (p for p in model.parameters() if not p.requires_grad):
-        values = distributed.whole(t).detach().double()  # FSDP2: gathered, one tensor at a time
-        total += (values.sum() + values.square().sum()).cpu()
-    return total.item()
+        for part in distributed.whole(t).detach().reshape(-1).split(2**24):  # FSDP2: gathered, one tensor at a time
+            values = part.double()
+            partial = values.sum() + values.square().sum()
+            total = partial if total is None else total + partial
+    return 0.0 if total is None else total.item()
 
 
 def peak_memory_gib(device):

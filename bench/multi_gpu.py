@@ -96,8 +96,9 @@ def main():
             rc = p.wait()
             print(f"{name}: exit {rc} after {time.time() - t0:.0f}s" + ("" if rc == 0 else f" (see {out / name}.log)"),
                   flush=True)
-            if rc:
-                print("".join(open(out / f"{name}.log").readlines()[-15:]), flush=True)
+            if rc:  # the ranks' exceptions, not torchrun's summary after them
+                errors = [line for line in open(out / f"{name}.log") if "Error" in line or "error:" in line]
+                print("".join(errors[-12:]), flush=True)
 
     print(f"\n| run | GPUs | tok/s (all ranks) | vs 1 GPU | peak GiB (rank 0) | max |loss - 1 GPU| / loss | "
           f"losses at steps 1, 10, {args.steps} |")

@@ -226,3 +226,35 @@ def test_training_on_gpu(checkpoint, tmp_path, monkeypatch, has_bf16):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in records)
     assert sum(r["loss"] for r in records[-3:]) < sum(r["loss"] for r in records[:3])
+
+
+def test_weights_checksum_sees_any_change_to_a_frozen_weight():
+    """The fingerprint train.py prints: equal to a plain float64 sum and sum of squares over the
+    frozen tensors (across the slices it sums), blind to LoRA, and moved by a one-ulp change."""
+    model = torch.nn.Module()
+    model.big = torch.nn.Parameter(torch.randn(2**24 + 77, dtype=torch.bfloat16), requires_grad=False)
+    model.codes = torch.nn.Parameter(torch.randint(0, 256, (300,), dtype=torch.uint8), requires_grad=False)
+    model.lora = torch.nn.Parameter(torch.randn(10))
+    expected = sum((t.double().sum() + t.double().square().sum()).item() for t in (model.big, model.codes))
+    got = train.weights_checksum(model)
+    assert got == pytest.approx(expected, rel=1e-12)
+    with torch.no_grad():
+        model.lora += 1
+    assert train.weights_checksum(model) == got
+    with torch.no_grad():
+        model.big.view(torch.int16)[2**24 + 5] += 1  # the next bf16 value, in the second slice
+    assert train.weights_checksum(model) != got
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_weights_checksum_costs_little_gpu_memory():
+    """A float64 copy of a 256 MiB bf16 tensor would take 1 GiB (2 GiB with its square); the
+    checksum sums slices of 2^24 values, ~256 MiB at most."""
+    model = torch.nn.Module()
+    model.big = torch.nn.Parameter(torch.randn(2**27, dtype=torch.bfloat16, device="cuda"), requires_grad=False)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    train.weights_checksum(model)
+    assert torch.cuda.max_memory_allocated() - before < 300 * 2**20
