@@ -117,18 +117,21 @@ def to_device(batch, device):
     return {k: None if v is None else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def accumulate_gradients(model, micro_batches, device, autocast, scaler):
-    """Backward over this rank's micro-batches of one accumulation window; returns (this rank's
-    summed loss, the label tokens of the whole window on all ranks).
+def count_labels(micro_batches) -> int:
+    return sum(int((mb["labels"] != IGNORE).sum()) for mb in micro_batches)
 
-    Each micro-batch's summed loss is divided by the label tokens of the WHOLE window, so the
-    gradients add up to d(mean over all the window's label tokens). Dividing each micro-batch
-    by its own count instead (a mean of means) weighs a token in a short micro-batch more than
-    one in a long micro-batch. The count comes from labels still on the host, summed over ranks
-    by one all-reduce; the loss is multiplied by the world size because DDP and FSDP2 average
-    the ranks' gradients, which they reduce only in the last micro-batch's backward.
+
+def accumulate_gradients(model, micro_batches, n_label_tokens, device, autocast, scaler):
+    """Backward over this rank's micro-batches of one accumulation window; returns this rank's
+    summed loss (a tensor on the device).
+
+    Each micro-batch's summed loss is divided by `n_label_tokens`, the label tokens of the WHOLE
+    window (all its micro-batches, on all ranks), so the gradients add up to d(mean over all the
+    window's label tokens). Dividing each micro-batch by its own count instead (a mean of
+    means) weighs a token in a short micro-batch more than one in a long micro-batch. Under
+    torchrun the loss is also multiplied by the world size, because DDP and FSDP2 average the
+    ranks' gradients, which they reduce only in the last micro-batch's backward.
     """
-    n_label_tokens = distributed.sum_over_ranks(sum(int((mb["labels"] != IGNORE).sum()) for mb in micro_batches), device)
     loss_sum = torch.zeros((), device=device)
     for i, mb in enumerate(micro_batches):
         with distributed.gradient_sync(model, enabled=i == len(micro_batches) - 1):
@@ -137,7 +140,7 @@ def accumulate_gradients(model, micro_batches, device, autocast, scaler):
             # fp16: scaled, unscaled before clipping (a disabled scaler passes the loss through)
             scaler.scale(mb_loss * distributed.world_size() / n_label_tokens).backward()
         loss_sum += mb_loss.detach()
-    return loss_sum, n_label_tokens
+    return loss_sum
 
 
 @torch.no_grad()
@@ -201,7 +204,8 @@ def main(argv=None):
     t0 = time.time()
     with distributed.main_first():  # one download or conversion, not one per rank
         path = resolve_model(s.model)
-    model, tokenizer = load_model(path, device=device, dtype=amp_dtype, load_in_4bit=s.load_in_4bit)
+    model, tokenizer = load_model(path, device=distributed.load_device(device, s.parallel, s.load_in_4bit),
+                                  dtype=amp_dtype, load_in_4bit=s.load_in_4bit)
     attach_lora(model, s.targets, r=s.r, alpha=s.alpha, dropout=s.dropout, rslora=s.rslora)
     # auto: checkpoint on a GPU, where memory decides what fits (offload is not yet faster or
     # leaner there, README); not on a CPU, which has memory to spare
@@ -256,9 +260,11 @@ def main(argv=None):
     window_loss, window_tokens, window_seen, t_window, t_start = torch.zeros((), device=device), 0, 0, time.time(), time.time()
     start_step = step
     while step < total_steps:
-        # the global window, as one process would draw it; this rank trains on every world-th
+        # the global window, as one process would draw it; this rank trains on every world-th.
+        # Every rank holds the whole window, so it counts its label tokens without communicating.
         micro_batches = [next(stream) for _ in range(s.grad_accum * world)]
-        loss_sum, n_label = accumulate_gradients(train_model, micro_batches[rank::world], device, autocast, scaler)
+        n_label = count_labels(micro_batches)
+        loss_sum = accumulate_gradients(train_model, micro_batches[rank::world], n_label, device, autocast, scaler)
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
         scaler.step(optimizer)

@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nanolora import load_model  # noqa: E402
 from nanolora.lora import attach_lora, lora_parameters  # noqa: E402
-from train import accumulate_gradients  # noqa: E402
+from train import accumulate_gradients, count_labels  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("checkpoint")
@@ -39,7 +39,7 @@ batch = {"input_ids": ids, "labels": ids, "attention_mask": None, "position_ids"
 
 
 def step():
-    accumulate_gradients(model, [batch], torch.device("cuda"), autocast, no_scaling)
+    accumulate_gradients(model, [batch], count_labels([batch]), torch.device("cuda"), autocast, no_scaling)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

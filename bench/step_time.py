@@ -27,7 +27,7 @@ def nanolora_setup(path, args):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from nanolora import load_model
     from nanolora.lora import attach_lora, lora_parameters
-    from train import accumulate_gradients
+    from train import accumulate_gradients, count_labels
     options = {"load_in_4bit": True} if args.nf4 else {}
     model, _ = load_model(path, device="cuda", dtype=torch.bfloat16, **options)
     attach_lora(model, "all", r=16, alpha=16)
@@ -39,7 +39,8 @@ def nanolora_setup(path, args):
 
     def step(ids):
         batch = {"input_ids": ids, "labels": ids, "attention_mask": None, "position_ids": None, "segment_ids": None}
-        loss_sum, n = accumulate_gradients(model, [batch], torch.device("cuda"), autocast, no_scaling)
+        n = count_labels([batch])
+        loss_sum = accumulate_gradients(model, [batch], n, torch.device("cuda"), autocast, no_scaling)
         torch.nn.utils.clip_grad_norm_(lora_parameters(model), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
