@@ -3,7 +3,7 @@
     python train.py                                    # the default run (see README)
     python train.py --model Qwen/Qwen3-8B --data chats.jsonl --seq_len 2048 --grad_accum 8
 
-    torchrun --nproc_per_node 4 train.py --parallel fsdp ...   # several GPUs (nanolora/distributed.py)
+    torchrun --nproc_per_node 4 -- train.py --parallel fsdp ...   # several GPUs (nanolora/distributed.py)
 
 Every setting below is a flag (`--lr 1e-4`, `--rslora true`). The loss is summed over label
 tokens and divided by the number of label tokens in the whole accumulation window (all

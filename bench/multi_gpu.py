@@ -3,7 +3,7 @@
     python bench/make_checkpoint.py /tmp/llama8b --shape llama3-8b
     python bench/multi_gpu.py /tmp/llama8b --out /tmp/multi_gpu
 
-Each run is `python train.py` (one GPU) or `torchrun --nproc_per_node 2 train.py` on the same
+Each run is `python train.py` (one GPU) or `torchrun --nproc_per_node 2 -- train.py` on the same
 checkpoint and the same data, with the same global batch: one GPU takes `--grad_accum 2` of
 `--batch` rows, two ranks one micro-batch each, so the examples of every step are the same
 (train.py draws the global window and deals it out). Reported per run, from rank 0's
@@ -49,7 +49,7 @@ def run(name, model, data, out, args, *, gpus, parallel=None, nf4=False, accum=1
              "--eval_size", "0", "--samples", "0", "--lr", "2e-4", "--alpha", "16", "--warmup_steps", "2",
              "--group_by_length", "false", "--grad_checkpointing", "true"]
     if parallel:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(gpus)}",
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(gpus)}", "--",
                    str(ROOT / "train.py"), "--parallel", parallel] + flags
     else:
         command = [sys.executable, str(ROOT / "train.py")] + flags

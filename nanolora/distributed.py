@@ -1,8 +1,8 @@
 """torchrun: DDP or FSDP2 around a finished model, applied from outside (model.py never imports
 torch.distributed). One process (no torchrun) goes through here untouched.
 
-    torchrun --nproc_per_node 2 train.py --parallel ddp    # replicate the frozen base (default)
-    torchrun --nproc_per_node 2 train.py --parallel fsdp   # shard it: FSDP2, one group per block, then the root
+    torchrun --nproc_per_node 2 -- train.py --parallel ddp    # replicate the frozen base (default)
+    torchrun --nproc_per_node 2 -- train.py --parallel fsdp   # shard it: FSDP2, one group per block, then the root
 
 The arithmetic that makes N ranks train like one process (train.accumulate_gradients): every
 rank draws the whole global window of micro-batches from the same seeded stream and keeps

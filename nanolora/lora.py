@@ -31,9 +31,12 @@ class LoRALinear(nn.Module):
         device = weight.device
         # fp32 whatever the base dtype: the optimizer's updates to A and B are ~1e-4 of their
         # size, below bf16's resolution; autocast casts them down for the matmuls.
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=torch.float32))
+        # A is drawn from the CPU's generator wherever the weight lives, so a seed gives the same
+        # adapter on a GPU, on the CPU, and under FSDP2 (which loads a 16-bit base on the CPU)
+        lora_A = torch.empty(r, in_features, dtype=torch.float32)
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+        self.lora_A = nn.Parameter(lora_A.to(device))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=torch.float32))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
 

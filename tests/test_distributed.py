@@ -170,7 +170,7 @@ def test_torchrun_on_gpus_trains_like_one_process(inputs, tmp_path, parallel):
     args = lambda out, accum, *extra: flags(inputs / "model", inputs / "data.jsonl", out, accum, "--load_in_4bit", "true", *extra)
     train.main(args(tmp_path / "one", 4))
     repo = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), "--",
                     str(repo / "train.py"), *args(tmp_path / "torchrun", 4 // n, "--parallel", parallel)],
                    cwd=repo, check=True, env={**os.environ, "PYTHONPATH": str(repo)})
     for a, b in zip(metrics(tmp_path / "torchrun"), metrics(tmp_path / "one"), strict=True):
