@@ -4,11 +4,13 @@
     python export.py --base MODEL --adapter out/ --format merged    --out merged/ [--dtype bf16] [--shard_size 5GB]
     python export.py --base MODEL --adapter out/ --format gguf      --out model.gguf [--quant q4_k_m] [--device cpu]
     python export.py --base MODEL --adapter out/ --format gguf-lora --out adapter.gguf [--quant f32]
+    python export.py --base out/model --format gguf --out model.gguf    # a full fine-tune (train.py --full true)
 
 MODEL is what the adapter was trained on: an HF folder, a hub id or a .gguf file; without
---base, the base_model_name_or_path that adapter_config.json records (as peft does). Outputs
-appear only once complete (written under a temporary name, then renamed); an existing
-output is replaced only with --force. GGUF --quant: f32, f16 (default), bf16, q8_0, q4_0,
+--base, the base_model_name_or_path that adapter_config.json records (as peft does). Without
+--adapter, --base itself is exported (merged or gguf): the HF folder a full fine-tune writes
+to <out>/model/ needs no adapter. Outputs appear only once complete (written under a
+temporary name, then renamed); an existing output is replaced only with --force. GGUF --quant: f32, f16 (default), bf16, q8_0, q4_0,
 q4_k, q6_k (every 2-D weight in that type) or q4_k_m (llama.cpp's mix: see
 nanolora/gguf_write.py); gguf-lora: f32 (default), f16, bf16, q8_0. GGUF tensors are quantized
 on --device (default: cuda when there is one, else the CPU's threads), with llama.cpp's bytes.
@@ -35,7 +37,8 @@ def parse_args(argv=None):
     parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", help="the base model: HF folder, hub id or .gguf file "
                                        "(default: the adapter's base_model_name_or_path)")
-    parser.add_argument("--adapter", required=True, help="the PEFT adapter folder train.py wrote")
+    parser.add_argument("--adapter", help="the PEFT adapter folder train.py wrote (none for a full fine-tune's "
+                                          "<out>/model/, passed as --base)")
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--out", required=True, help="output folder (peft, merged) or file (gguf, gguf-lora)")
     parser.add_argument("--quant", help="GGUF tensor type (default: f16 for gguf, f32 for gguf-lora)")
@@ -45,6 +48,9 @@ def parse_args(argv=None):
                         help="gguf: where tensors are quantized (default: cuda when there is one)")
     parser.add_argument("--force", action="store_true", help="replace an existing output")
     args = parser.parse_args(argv)
+    if args.adapter is None and (args.base is None or args.format in ("peft", "gguf-lora")):
+        parser.error("--adapter is required" + (f" for --format {args.format}" if args.base else
+                                                " (or --base alone, for a full fine-tune's model folder)"))
     if args.format in ("gguf", "gguf-lora"):
         args.quant = args.quant or ("f16" if args.format == "gguf" else "f32")
         allowed = QUANTS if args.format == "gguf" else LORA_QUANTS
@@ -116,7 +122,7 @@ class Progress:
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
-    if not Path(args.adapter).is_dir():
+    if args.adapter is not None and not Path(args.adapter).is_dir():
         raise FileNotFoundError(f"--adapter {args.adapter}: no such adapter folder")
     base_name = args.base or recorded_base(args.adapter)
     if not base_name:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from nanolora import cli, distributed, load_model
+from nanolora import cli, distributed, full_finetune, load_model
 from nanolora.cpu_threads import CPUThreads
 from nanolora.data import IGNORE, Batches, load_examples, pad_token_id, split_eval
 from nanolora.default_model import DEFAULT_MODEL, resolve_model
@@ -38,6 +38,7 @@ from nanolora.tracking import REPORT_TO, Tracker, plot_loss
 DEFAULTS = dict(
     model=DEFAULT_MODEL,        # HF folder, hub id or .gguf file
     load_in_4bit=False,         # QLoRA: the frozen projections in NF4 (bitsandbytes checkpoints load 4-bit anyway)
+    full=False,                 # full fine-tuning: every weight trains, no LoRA; saved to <out>/model/ (HF format)
     data=str(Path(__file__).parent / "data" / "devils_dictionary.jsonl"),  # .jsonl/.json/.parquet, folder, hub dataset
     data_split="",              # a folder's / hub dataset's split (files named train*, test*, ...); default train
     out="out",                  # adapter, checkpoints and metrics.jsonl land here
@@ -82,6 +83,8 @@ def parse_settings(argv=None):
     except ValueError as e:
         parser.error(str(e))
     cli.check_ranges(parser, s)
+    if s.full and s.load_in_4bit:
+        parser.error("--full true trains every weight, so they cannot be frozen in 4-bit: drop --load_in_4bit")
     if not 0 <= s.dropout < 1:
         parser.error(f"--dropout must be in [0, 1), got {s.dropout}")
     s.device = str(cli.parse_device(parser, s.device))
@@ -203,17 +206,22 @@ def main(argv=None):
     # --- load, attach LoRA
     t0 = time.time()
     with distributed.main_first():  # one download or conversion, not one per rank
-        path = resolve_model(s.model)
+        path = full_finetune.resume_source(resume_folder) if s.full and s.resume else resolve_model(s.model)
     model, tokenizer = load_model(path, device=distributed.load_device(device, s.parallel, s.load_in_4bit),
-                                  dtype=amp_dtype, load_in_4bit=s.load_in_4bit)
-    attach_lora(model, s.targets, r=s.r, alpha=s.alpha, dropout=s.dropout, rslora=s.rslora)
+                                  dtype=full_finetune.weights_dtype(amp_dtype) if s.full else amp_dtype,
+                                  load_in_4bit=s.load_in_4bit)
+    if s.full:
+        full_finetune.make_trainable(model)
+    else:
+        attach_lora(model, s.targets, r=s.r, alpha=s.alpha, dropout=s.dropout, rslora=s.rslora)
     # auto: checkpoint on a GPU, where memory decides what fits (offload is not yet faster or
     # leaner there, README); not on a CPU, which has memory to spare
     auto = device.type == "cuda"
     model.grad_checkpointing = auto if s.grad_checkpointing == "auto" else s.grad_checkpointing
     print(f"loaded {s.model} in {time.time() - t0:.1f}s on {device}" + (f" x {world} ({s.parallel})" if world > 1 else "")
-          + f"; LoRA r={s.r} alpha={s.alpha} on {','.join(model.lora_config.targets)}: {summary(model)}")
-    if s.resume:
+          + ("; full fine-tuning" if s.full else f"; LoRA r={s.r} alpha={s.alpha} on {','.join(model.lora_config.targets)}")
+          + f": {summary(model)}")
+    if s.resume and not s.full:
         load_adapter_weights(model, resume_folder)  # before FSDP2 shards the LoRA matrices
     train_model = distributed.parallelize(model, s.parallel)  # DDP around it, or sharded in place
 
@@ -229,8 +237,9 @@ def main(argv=None):
           f"of {s.batch_size} per epoch; {total_steps} steps of {s.grad_accum} x {world} micro-batch(es)")
 
     # --- optimizer and schedule: linear warmup, then linear or cosine decay to zero
-    params = lora_parameters(model)  # after parallelize: FSDP2 makes them DTensors
-    optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, fused=device.type == "cuda")
+    params = full_finetune.trainable_parameters(model) if s.full else lora_parameters(model)  # after parallelize: FSDP2 makes them DTensors
+    optimizer = full_finetune.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, seed=s.seed) if s.full else \
+        torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, fused=device.type == "cuda")
 
     def lr_factor(step):
         if step < s.warmup_steps:
@@ -244,7 +253,7 @@ def main(argv=None):
 
     # --- before
     base_checksum = weights_checksum(model)
-    lora_before = [distributed.whole(p).detach().clone() for p in params]
+    lora_before = [] if s.full else [distributed.whole(p).detach().clone() for p in params]  # full: no second copy
     shown, eval_points = eval_examples[:s.samples], []  # eval_points: (step, eval loss) for the loss curve
     if step == 0 and eval_batches:
         eval_before = evaluate(model, eval_batches, device, autocast)
@@ -302,14 +311,17 @@ def main(argv=None):
             window_loss, window_tokens, window_seen, t_window = torch.zeros((), device=device), 0, 0, time.time()
             if s.save_every and step % s.save_every == 0:
                 last_checkpoint = out / f"checkpoint-{step}"
-                save_checkpoint(last_checkpoint, model, optimizer, scheduler, scaler, batches, step, s)
+                save_checkpoint(last_checkpoint, model, optimizer, scheduler, scaler, batches, step, s, tokenizer, path)
     metrics.close()
 
     # --- save, and show what changed
-    adapter = adapter_state(model)  # every rank: FSDP2's shards are gathered
-    if distributed.is_main():
-        save_adapter(model, out / "adapter", s.model, adapter)
-    print(f"adapter saved to {out / 'adapter'}/ (PEFT format)")
+    if s.full:  # every rank: FSDP2's shards are gathered
+        full_finetune.save_model(model, tokenizer, out / full_finetune.MODEL_FOLDER, path)
+    else:
+        adapter = adapter_state(model)  # every rank: FSDP2's shards are gathered
+        if distributed.is_main():
+            save_adapter(model, out / "adapter", s.model, adapter)
+    print(f"model saved to {out / 'model'}/ (HF checkpoint)" if s.full else f"adapter saved to {out / 'adapter'}/ (PEFT format)")
     if eval_batches:
         eval_after = evaluate(model, eval_batches, device, autocast)
         eval_points.append((step, eval_after))
@@ -323,11 +335,12 @@ def main(argv=None):
         else:
             print(f"eval loss after training: {eval_after:.4f}")
     # The check Unsloth's docs recommend: the frozen weights did not move, the adapter did.
-    lora_change = sum((distributed.whole(p).detach() - p0).abs().sum().item() for p, p0 in zip(params, lora_before))
-    base_after = weights_checksum(model)
-    print(f"\nbase weights checksum {base_checksum:.6f} -> {base_after:.6f} "
-          f"({'unchanged' if base_after == base_checksum else 'CHANGED'}); "
-          f"LoRA weights sum |after - before| = {lora_change:.4f} ({'changed' if lora_change > 0 else 'UNCHANGED'})")
+    if not s.full:
+        lora_change = sum((distributed.whole(p).detach() - p0).abs().sum().item() for p, p0 in zip(params, lora_before))
+        base_after = weights_checksum(model)
+        print(f"\nbase weights checksum {base_checksum:.6f} -> {base_after:.6f} "
+              f"({'unchanged' if base_after == base_checksum else 'CHANGED'}); "
+              f"LoRA weights sum |after - before| = {lora_change:.4f} ({'changed' if lora_change > 0 else 'UNCHANGED'})")
     tracker.close()
     if distributed.is_main() and plot_loss(out / "metrics.jsonl", out / "loss.png", eval_points):
         print(f"loss curve: {out / 'loss.png'}")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from nanolora import ops
+from nanolora import distributed, ops
 from nanolora.files import atomic_path
 from nanolora.lora import LoRALinear
 from nanolora.model import Transformer, hf_key
@@ -56,7 +56,8 @@ def merged_tensors(model):
             value = module._parameters.get(attr, module._modules.get(attr))
             if value is None:
                 continue
-            tensor = ops.dense_weight(value, torch.float32)
+            # a full fine-tune under FSDP2 holds shards: gathered (a collective, every rank calls it)
+            tensor = ops.dense_weight(distributed.whole(value), torch.float32)
             if attr == "weight" and isinstance(module, LoRALinear) and not module.merged:
                 tensor = tensor + module.delta_weight()
             key = hf_key(f"{module_name}.{attr}")

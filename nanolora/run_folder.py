@@ -1,7 +1,8 @@
 """The --out folder of a training run: checkpoints, resuming, and keeping runs apart.
 
     <out>/adapter/              the final adapter (PEFT format), written as one folder swap
-    <out>/checkpoint-<step>/    adapter + trainer_state.pt, every --save_every steps
+    <out>/model/                instead, with --full true: the whole model as an HF checkpoint
+    <out>/checkpoint-<step>/    adapter (or model/) + trainer_state.pt, every --save_every steps
     <out>/metrics.jsonl         one record per logged step
 
 A fresh run refuses an --out that holds another run's checkpoints or adapter (a later
@@ -17,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from nanolora import distributed
+from nanolora import distributed, full_finetune
 from nanolora.files import atomic_path, clean_leftovers
 from nanolora.peft import adapter_state, save_adapter
 
 STATE_FILE = "trainer_state.pt"
 # Changing one of these makes another run: resuming would mix two runs in one adapter.
-SAME_RUN = ("model", "load_in_4bit", "data", "r", "alpha", "dropout", "rslora", "targets", "seq_len", "pack",
+SAME_RUN = ("model", "full", "load_in_4bit", "data", "r", "alpha", "dropout", "rslora", "targets", "seq_len", "pack",
             "train_on_prompt", "batch_size", "grad_accum", "seed", "eval_size", "data_split", "group_by_length")
 # Changing one of these continues the run on another course: allowed, with a warning.
 WARN_ON_CHANGE = ("lr", "schedule", "warmup_steps", "weight_decay", "max_grad_norm", "max_steps", "epochs")
@@ -45,7 +46,7 @@ def prepare_out(out, resume: bool, overwrite: bool, writer: bool = True) -> Path
     if writer:
         out.mkdir(parents=True, exist_ok=True)
         clean_leftovers(out)
-    earlier = checkpoints(out) + [p for p in (out / "adapter",) if p.exists()]
+    earlier = checkpoints(out) + [p for p in (out / "adapter", out / "model") if p.exists()]
     if earlier and not resume:
         if not overwrite:
             raise ValueError(f"--out {out} holds another run ({', '.join(p.name for p in earlier[:3])}"
@@ -56,17 +57,27 @@ def prepare_out(out, resume: bool, overwrite: bool, writer: bool = True) -> Path
     return out
 
 
-def save_checkpoint(folder, model, optimizer, scheduler, scaler, batches, step, settings):
+def save_checkpoint(folder, model, optimizer, scheduler, scaler, batches, step, settings, tokenizer=None,
+                    source=None):
     """Adapter (PEFT format) plus everything --resume needs to continue exactly, written by
     rank 0 under a temporary name and renamed, so a crash never leaves a half checkpoint;
     then only the newest settings.save_total_limit checkpoints are kept. Every rank calls it:
     FSDP2's shards of the adapter and optimizer state are gathered. The state holds tensors,
-    numbers, strings and containers only, so it loads with weights_only=True."""
-    adapter, optimizer_state = adapter_state(model), distributed.optimizer_state(model, optimizer)
+    numbers, strings and containers only, so it loads with weights_only=True.
+    A full fine-tune (settings.full) saves the whole model instead of the adapter, as an HF
+    checkpoint in model/ (tokenizer files from `source`, the folder the run loaded)."""
+    full = getattr(settings, "full", False)
+    adapter = None if full else adapter_state(model)
+    optimizer_state = distributed.optimizer_state(model, optimizer)
     if not distributed.is_main():
+        if full:
+            full_finetune.save_model(model, tokenizer, None, source)  # takes part in rank 0's gathers
         return
     with atomic_path(folder) as tmp:
-        save_adapter(model, tmp, settings.model, adapter)
+        if full:
+            full_finetune.save_model(model, tokenizer, tmp / full_finetune.MODEL_FOLDER, source)
+        else:
+            save_adapter(model, tmp, settings.model, adapter)
         torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "data": batches.state_dict(), "launch": distributed.launch(),
                     "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),

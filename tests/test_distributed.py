@@ -46,6 +46,7 @@ def flags(checkpoint, data, out, accum, *extra):
 CASES = {"ddp": [], "fsdp": ["--parallel", "fsdp", "--samples", "1"],  # generate() under FSDP2 once
          "ddp_nf4": ["--load_in_4bit", "true"],  # and the block recompute under FSDP2 once:
          "fsdp_nf4": ["--parallel", "fsdp", "--load_in_4bit", "true", "--grad_checkpointing", "true"]}
+FULL_CASES = {"ddp_full": ["--full", "true"], "fsdp_full": ["--parallel", "fsdp", "--full", "true"]}
 
 
 def _worker(rank, port, jobs):
@@ -88,12 +89,14 @@ def runs(inputs):
     assert "WORLD_SIZE" not in os.environ
     train.main(args("one", 4))
     train.main(args("one_nf4", 4, "--load_in_4bit", "true"))
+    train.main(args("one_full", 4, "--full", "true"))
     jobs = [("train", args(name, 2, *extra)) for name, extra in CASES.items()]
     jobs.append(("per_rank_mean", args("per_rank_mean", 2)))
     jobs.append(("integers_whole", args("fsdp_nf4_codes_whole", 2, *CASES["fsdp_nf4"])))
-    for name in ("ddp", "fsdp"):  # resume each from its step-2 checkpoint
+    jobs += [("train", args(name, 2, *extra)) for name, extra in FULL_CASES.items()]
+    for name, extra in [("ddp", CASES["ddp"]), ("fsdp", CASES["fsdp"]), ("fsdp_full", FULL_CASES["fsdp_full"])]:
         jobs.append(("copy", (root / name / "checkpoint-2", root / f"{name}_resumed" / "checkpoint-2")))
-        jobs.append(("train", args(f"{name}_resumed", 2, *CASES[name], "--resume", "latest")))
+        jobs.append(("train", args(f"{name}_resumed", 2, *extra, "--resume", "latest")))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -147,6 +150,26 @@ def test_resume_under_two_ranks_is_exact(runs, name):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     mid = adapter(runs / name / "checkpoint-2")
     assert not all(torch.equal(mid[k], straight[k]) for k in straight)  # the comparison means something
+
+
+def full_model(folder):
+    """A full fine-tune's weights (<out>/model/ or a checkpoint's model/)."""
+    return load_file(Path(folder) / "model" / "model.safetensors")
+
+
+@pytest.mark.parametrize("name", FULL_CASES)
+def test_two_ranks_full_fine_tune_like_one_process(runs, name):
+    """--full true: every weight, gathered from FSDP2's shards for the checkpoint and the output,
+    as one process trains it (fp32 weights: the plain AdamW arithmetic, same tolerances)."""
+    mean, most = rel_diff(full_model(runs / name), full_model(runs / "one_full"))
+    print(f"{name}: weights |2 ranks - 1 process| / max |weight|: mean {mean:.2e}, max {most:.2e}")
+    assert mean <= MEAN_TOL and most <= MAX_TOL
+    for a, b in zip(metrics(runs / name), metrics(runs / "one_full"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=RTOL) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=RTOL)
+    straight, resumed = full_model(runs / "fsdp_full"), full_model(runs / "fsdp_full_resumed")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    before = load_file(runs / "model" / "model.safetensors")
+    assert all(not torch.equal(before[k], straight[k]) for k in straight)
 
 
 def test_resume_with_another_world_size_is_refused(runs, tmp_path):
