@@ -28,6 +28,7 @@ from nanolora.cpu_threads import CPUThreads
 from nanolora.data import IGNORE, Batches, load_examples, pad_token_id, split_eval
 from nanolora.default_model import DEFAULT_MODEL, resolve_model
 from nanolora.lora import attach_lora, lora_parameters, parse_targets, summary
+from nanolora.optim import OPTIMIZERS, make_optimizer
 from nanolora.peft import adapter_state, load_adapter_weights, save_adapter
 from nanolora.run_folder import (check_same_run, find_resume, load_checkpoint, open_metrics, prepare_out,
                                  save_checkpoint)
@@ -50,6 +51,7 @@ DEFAULTS = dict(
     max_steps=30,               # optimizer steps; 0 = run `epochs` epochs
     epochs=1,
     lr=1e-3, schedule="cosine", warmup_steps=4, weight_decay=0.0, max_grad_norm=1.0,
+    optim="adamw",              # adamw (fp32 state: 8 bytes/param) | adamw_8bit (blockwise 8-bit: 2.03 bytes/param)
     seed=1337,
     grad_checkpointing="auto",  # false | true | offload (experimental: inputs wait in CPU memory) | auto
     eval_size=24,               # held-out examples (or a fraction, e.g. 0.05)
@@ -63,7 +65,7 @@ DEFAULTS = dict(
     parallel="ddp",             # under torchrun: ddp replicates the frozen base, fsdp shards it (FSDP2)
     report_to="none",           # also log to tensorboard (in <out>/tensorboard) or wandb
 )
-CHOICES = dict(schedule=("linear", "cosine"), parallel=("ddp", "fsdp"), report_to=REPORT_TO)
+CHOICES = dict(schedule=("linear", "cosine"), parallel=("ddp", "fsdp"), report_to=REPORT_TO, optim=OPTIMIZERS)
 
 
 def parse_settings(argv=None):
@@ -238,8 +240,8 @@ def main(argv=None):
 
     # --- optimizer and schedule: linear warmup, then linear or cosine decay to zero
     params = full_finetune.trainable_parameters(model) if s.full else lora_parameters(model)  # after parallelize: FSDP2 makes them DTensors
-    optimizer = full_finetune.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, seed=s.seed) if s.full else \
-        torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, fused=device.type == "cuda")
+    optimizer = full_finetune.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, seed=s.seed) if s.full and s.optim == "adamw" \
+        else make_optimizer(params, s.optim, s.lr, s.weight_decay, device)
 
     def lr_factor(step):
         if step < s.warmup_steps:

@@ -45,7 +45,7 @@ Rounding on the way in, matched to bitsandbytes 0.50 on the CPU (its tests are o
     ``g = trunc(fma((clamp(x, -1, 1) + 1) * 0.5, 65535, 0.5))``, then takes the code nearest
     to grid point ``-1 + 2g / 65535`` (ties lower). That is "nearest" up to half a grid step
     (1.5e-5 of the block's absmax), which only matters near 0 where the dynamic code is
-    denser than the grid. We reproduce it exactly (see ``_quantize_dynamic_8bit``).
+    denser than the grid. We reproduce it exactly (see ``quantize_dynamic_8bit``).
 """
 
 from __future__ import annotations
@@ -80,25 +80,29 @@ _GRID = 65535  # bitsandbytes' CPU 8-bit quantizer: 65536 grid points on [-1, 1]
 _CHUNK = 1 << 20
 
 
-def dynamic_code_signed() -> torch.Tensor:
-    """bitsandbytes' signed dynamic 8-bit code (``create_dynamic_map(signed=True)``): float32 [256].
+def dynamic_code(signed: bool = True) -> torch.Tensor:
+    """bitsandbytes' dynamic 8-bit code (``create_dynamic_map(signed)``): float32 [256], sorted.
 
-    A tiny float format: for each decade 10^-6 ... 10^0 (exponent e = 0..6), 2^e "mantissa"
-    values, the midpoints of 2^e equal steps of [0.1, 1], times 10^(e-6), with both signs;
-    plus 0 and 1.0. 2 * (1 + 2 + ... + 64) + 2 = 256 values, sorted: from -0.99296875 up to
-    1.0, dense near 0 (relative precision is what matters for scales). Computed with the same
-    float32 operations as bitsandbytes, so the values are bit-identical (tested).
+    A tiny float format: for each decade 10^-6 ... 10^0 (exponent e = 0..6), the midpoints of
+    k equal steps of [0.1, 1], times 10^(e-6), plus 0 and 1.0; dense near 0 (relative precision
+    is what matters for scales and optimizer moments). Signed: k = 2^e steps, each value with
+    both signs, 2 * (1 + 2 + ... + 64) + 2 = 256 values from -0.99296875 to 1.0 (double
+    quantization's absmax, AdamW's first moment). Unsigned: k = 2^(e+1) steps, positive only,
+    (2 + 4 + ... + 128) + 2 = 256 values from 0 to 1.0, twice as fine (AdamW's second moment,
+    which is never negative). Computed with the same float32 operations as bitsandbytes, so the
+    values are bit-identical (tested).
     """
     values = [0.0, 1.0]
     for e in range(7):
-        steps = torch.linspace(0.1, 1.0, 2**e + 1, dtype=torch.float32)
+        steps = torch.linspace(0.1, 1.0, (2**e if signed else 2 ** (e + 1)) + 1, dtype=torch.float32)
         means = (steps[:-1] + steps[1:]) / 2.0
         decade = 10.0 ** (e - 6)
-        values += (decade * means).tolist() + (-decade * means).tolist()
+        values += (decade * means).tolist() + ((-decade * means).tolist() if signed else [])
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
-DYNAMIC_CODE = dynamic_code_signed()
+DYNAMIC_CODE = dynamic_code(signed=True)
+DYNAMIC_CODE_UNSIGNED = dynamic_code(signed=False)
 
 
 class NF4Weight(nn.Module):
@@ -298,21 +302,25 @@ def read_bnb_quantization_config(quantization_config: dict | None, source: str) 
 # ---- quantize ------------------------------------------------------------------------------
 
 @lru_cache(maxsize=8)
-def _grid_to_dynamic_index(device: torch.device) -> torch.Tensor:
+def grid_to_code_index(device: torch.device, signed: bool = True) -> torch.Tensor:
     """uint8 [65536]: grid point g (value -1 + 2g/65535, fp32) -> nearest dynamic code index.
 
     "Nearest, ties lower" = the number of code midpoints strictly below the grid value.
-    Float32 throughout, like bitsandbytes' table.
+    Float32 throughout, like bitsandbytes' table. (The unsigned code only meets the upper half
+    of the grid, x >= 0.) kernels/adamw_8bit.py looks codes up in this same table.
     """
+    code = DYNAMIC_CODE if signed else DYNAMIC_CODE_UNSIGNED
     g = torch.arange(_GRID + 1, dtype=torch.float32)
     grid_values = (g + g) / torch.full_like(g, _GRID) - 1.0
-    midpoints = (DYNAMIC_CODE[:-1] + DYNAMIC_CODE[1:]) * 0.5
+    midpoints = (code[:-1] + code[1:]) * 0.5
     return torch.searchsorted(midpoints, grid_values, right=False).to(torch.uint8).to(device)
 
 
-def _quantize_dynamic_8bit(values: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blockwise 8-bit quantization of float32 ``values`` with the dynamic code, as bitsandbytes
-    0.50 does it on the CPU. Returns (uint8 indices [n], float32 block absmax [ceil(n/blocksize)]).
+def quantize_dynamic_8bit(values: torch.Tensor, blocksize: int,
+                          signed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise 8-bit quantization of float32 ``values`` with the dynamic code (signed or
+    unsigned), as bitsandbytes 0.50 does it on the CPU. Returns (uint8 indices [n], float32
+    block absmax [ceil(n/blocksize)]); ``dequantize_dynamic_8bit`` reads them back.
     """
     n = values.numel()
     n_blocks = -(-n // blocksize)
@@ -326,9 +334,16 @@ def _quantize_dynamic_8bit(values: torch.Tensor, blocksize: int) -> tuple[torch.
     # gives the fused multiply-add's single rounding; for smaller t both give g = 0.
     t = (x + 1.0) * 0.5
     g = (t.double() * _GRID + 0.5).float().trunc().long()
-    q = _grid_to_dynamic_index(values.device)[g]
+    q = grid_to_code_index(values.device, signed)[g]
     q[absmax == 0] = 0  # bitsandbytes writes index 0 for an all-zero block
     return q.flatten()[:n], absmax
+
+
+def dequantize_dynamic_8bit(q: torch.Tensor, absmax: torch.Tensor, blocksize: int,
+                            signed: bool = True) -> torch.Tensor:
+    """float32 [n]: code[q] * absmax[block], one fp32 multiply (bitsandbytes' dequantize_blockwise)."""
+    code = (DYNAMIC_CODE if signed else DYNAMIC_CODE_UNSIGNED).to(q.device)
+    return (code[q.long()] * absmax.repeat_interleave(blocksize)[:q.numel()]).view(q.shape)
 
 
 def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
@@ -373,7 +388,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
         return NF4Weight(packed=packed, absmax=absmax, code=code, shape=weight.shape,
                          dtype=weight.dtype, blocksize=blocksize)
     offset = absmax.mean()
-    absmax_q, nested_absmax = _quantize_dynamic_8bit(absmax - offset, NESTED_BLOCKSIZE)
+    absmax_q, nested_absmax = quantize_dynamic_8bit(absmax - offset, NESTED_BLOCKSIZE)
     return NF4Weight(packed=packed, absmax=absmax_q, code=code, shape=weight.shape, dtype=weight.dtype,
                      blocksize=blocksize, nested_absmax=nested_absmax,
                      nested_code=DYNAMIC_CODE.to(device), offset=offset)

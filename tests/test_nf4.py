@@ -14,7 +14,7 @@ from nanolora.nf4 import (
     DYNAMIC_CODE,
     NF4_CODE,
     NF4Weight,
-    _quantize_dynamic_8bit,
+    quantize_dynamic_8bit,
     dequantize_nf4,
     quantize_nf4,
 )
@@ -159,7 +159,7 @@ def test_double_quant_rounding_matches_bitsandbytes_on_hard_values():
     for scale in (1.0, 0.37, 3.1e-3):
         values = torch.cat([torch.zeros(256), (blocks * scale).flatten(), torch.randn(100)])
         expected, state = bnb_functional.quantize_blockwise(values, blocksize=256)
-        ours, absmax = _quantize_dynamic_8bit(values, 256)
+        ours, absmax = quantize_dynamic_8bit(values, 256)
         assert torch.equal(absmax, state.absmax), scale
         assert torch.equal(ours, expected), f"scale {scale}: {(ours != expected).sum()} of {ours.numel()} differ"
 
