@@ -45,6 +45,7 @@ def _codes(values, absmax, index_ptr):
     x = tl.minimum(tl.maximum(x, -1.0), 1.0)
     t = (x + 1.0) * 0.5
     grid = (t.to(tl.float64) * _GRID + 0.5).to(tl.float32).to(tl.int32)  # trunc: t >= 0
+    grid = tl.minimum(tl.maximum(grid, 0), 65535)  # a NaN moment (NaN gradient) must not read out of the table
     codes = tl.load(index_ptr + grid)
     return tl.where(absmax[:, None] == 0.0, 0, codes).to(tl.uint8)  # an all-zero block: index 0
 

@@ -334,6 +334,7 @@ def quantize_dynamic_8bit(values: torch.Tensor, blocksize: int,
     # gives the fused multiply-add's single rounding; for smaller t both give g = 0.
     t = (x + 1.0) * 0.5
     g = (t.double() * _GRID + 0.5).float().trunc().long()
+    g.clamp_(0, _GRID)  # a NaN (an optimizer fed a NaN gradient) becomes some index, not an out-of-range one
     q = grid_to_code_index(values.device, signed)[g]
     q[absmax == 0] = 0  # bitsandbytes writes index 0 for an all-zero block
     return q.flatten()[:n], absmax

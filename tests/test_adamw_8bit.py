@@ -194,6 +194,25 @@ def test_kernel_equals_reference_interpreted(interpreted):
                              ((40, 100), torch.float16)], "cpu")
 
 
+def test_nan_gradient_stays_in_its_block(interpreted):
+    """A NaN or inf in a gradient (fp16 without a scaler, a diverged run) must not index past
+    the code tables, in the reference or the kernel: that element goes NaN (train.py then stops
+    at the loss check) and the other blocks of 256 keep stepping. (Within the poisoned block the
+    two may differ: torch's max propagates NaN into the block's scale, Triton's ignores it.)"""
+    for step in (adamw_step_reference, lambda *a: interpreted.adamw_step_triton(*a, tables=code_tables("cpu"))):
+        param = torch.randn(1024)
+        state = AdamW8bit([torch.nn.Parameter(param)], min_8bit_size=0)._new_state(param)
+        grad = torch.randn(1024)
+        grad[5], grad[600] = float("nan"), float("inf")
+        state["step"] = 1
+        step(param, grad, state, 1e-3, 0.9, 0.999, 1e-8, 0.0)
+        assert param.isnan().nonzero().flatten().tolist() == [5, 600]
+        state["step"] = 2
+        step(param, torch.randn(1024), state, 1e-3, 0.9, 0.999, 1e-8, 0.0)
+        assert param[5].isnan() and param[600].isnan()
+        assert param[256:512].isfinite().all() and param[768:].isfinite().all()
+
+
 @pytest.mark.gpu
 def test_kernel_equals_reference_on_gpu():
     from nanolora.kernels.adamw_8bit import adamw_step_triton
