@@ -25,14 +25,15 @@ float32 throughout, every operation rounded on its own (no fused multiply-add), 
     p = p + (m / (sqrt(v) * (1 / c2) + eps)) * (-lr / c1)   c1 = 1 - beta1^t, c2 = sqrt(1 - beta2^t)
     m_q, m_absmax = quantize(m); v_q, v_absmax = quantize(v)   new absmax = max |new moment|
 
-then p is cast back to its dtype (round to nearest even). 1 / c2 is a float32 reciprocal of
-float32 c2: torch computes ``x / scalar`` as ``x * (1 / scalar)``, so that is what
-bitsandbytes' ``sqrt(v) / c2`` does on the CPU and the GPU. This is torch.optim.AdamW's update and
-bitsandbytes' CPU order; its CUDA kernel decays p after the update instead (a difference of
-lr^2 * weight_decay * update) and nudges a first-moment code whose sign flipped in rounding to
-the next code of the right sign; we follow the CPU version, which the tests compare against.
-The order is spelled out because kernels/adamw_8bit.py does the same operations and matches
-this reference bit for bit.
+then p is cast back to its dtype (round to nearest even). sqrt is the exactly rounded one; 1 / c2
+is a float32 reciprocal of float32 c2 (torch computes ``x / scalar`` as ``x * (1 / scalar)``,
+so that is what bitsandbytes' ``sqrt(v) / c2`` does on the CPU). This is torch.optim.AdamW's
+update and bitsandbytes' CPU order. Its CUDA kernel differs in details: it decays p after the
+update (a difference of lr^2 * weight_decay * update), divides by the new absmax with an
+approximate division before searching the code, and moves a first-moment code whose sign
+flipped in rounding to the next code of the right sign. We follow the CPU version, which the
+tests compare against. The order is spelled out because kernels/adamw_8bit.py does the same
+operations and matches this reference bit for bit.
 
 Tensors with fewer than MIN_8BIT_SIZE (4096) elements (norm weights, biases) keep fp32 moments,
 as bitsandbytes does: the blockwise overhead buys nothing there, and they are few.
@@ -54,7 +55,7 @@ from nanolora.nf4 import (DYNAMIC_CODE, DYNAMIC_CODE_UNSIGNED, dequantize_dynami
 BLOCKSIZE = 256  # bitsandbytes' block size for optimizer state
 MIN_8BIT_SIZE = 4096  # smaller tensors keep fp32 moments (bitsandbytes' default min_8bit_size)
 # The reference works on slices of this many elements (a multiple of BLOCKSIZE): its temporaries
-# take ~60 bytes per element, so an embedding of 50M parameters does not cost 3 GB at once.
+# take ~70 bytes per element, so an embedding of 50M parameters does not cost 3.5 GB at once.
 _CHUNK = 1 << 20
 
 
