@@ -4,6 +4,8 @@
     adamw_8bit  nanolora.adamw_8bit.AdamW8bit: blockwise 8-bit moments, 2.03 bytes per parameter
                 (tensors under 4096 elements keep fp32 ones), bitsandbytes' AdamW8bit in-house
 """
+import sys
+
 import torch
 
 from nanolora.adamw_8bit import AdamW8bit
@@ -22,6 +24,9 @@ def make_optimizer(params, name: str, lr: float, weight_decay: float, device: to
             # and the checkpoint's state gathering (torch.distributed.checkpoint) knows nothing of them
             raise ValueError("--optim adamw_8bit does not support --parallel fsdp (sharded parameters); "
                              "use --parallel ddp or --optim adamw")
+        if any(p.dtype == torch.bfloat16 for p in params):  # --full true on a bf16 GPU
+            print("warning: --optim adamw_8bit rounds bf16 weights to nearest (no stochastic rounding yet, unlike "
+                  "--full true's adamw): updates below half a bf16 ulp of a weight are lost", file=sys.stderr)
         return AdamW8bit(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"--optim {name!r} is not one of {', '.join(OPTIMIZERS)}")
 

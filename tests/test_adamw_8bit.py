@@ -354,3 +354,20 @@ def test_bad_optim_flag(capsys):
     with pytest.raises(SystemExit):
         train.parse_settings(["--optim", "adam8"])
     assert "--optim: invalid choice: 'adam8'" in capsys.readouterr().err
+
+
+def test_full_fine_tune_with_adamw_8bit(checkpoint, tmp_path, capsys):
+    """--full true --optim adamw_8bit: every weight steps with 8-bit moments (the embedding and
+    projections; the norms, under 4096 elements, with fp32 ones) and the loss falls."""
+    run(checkpoint, tmp_path, "--max_steps", "6", "--save_every", "6", "--full", "true", "--lr", "1e-3")
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["loss"] < 0.9 * records[0]["loss"]
+    state = torch.load(tmp_path / "checkpoint-6" / "trainer_state.pt", weights_only=True)
+    dtypes = [s["exp_avg"].dtype for s in state["optimizer"]["state"].values()]
+    assert torch.uint8 in dtypes and torch.float32 in dtypes
+
+
+def test_bf16_weights_are_warned_about(capsys):
+    make_optimizer([torch.nn.Parameter(torch.zeros(8, dtype=torch.bfloat16))], "adamw_8bit", 1e-3, 0.0,
+                   torch.device("cpu"))
+    assert "no stochastic rounding yet" in capsys.readouterr().err
