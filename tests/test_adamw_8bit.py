@@ -30,7 +30,6 @@ from nanolora.adamw_8bit import BLOCKSIZE, AdamW8bit, adamw_step_reference, code
 from nanolora.nf4 import DYNAMIC_CODE_UNSIGNED, quantize_dynamic_8bit
 from nanolora.optim import make_optimizer
 
-bnb = pytest.importorskip("bitsandbytes")
 CUDA = torch.cuda.is_available()
 # (shape, dtype): whole blocks; a ragged last block; below min_8bit_size (fp32 moments); many blocks
 SHAPES = [((64, 96), torch.float32), ((37, 129), torch.float32), ((1000,), torch.float32),
@@ -68,6 +67,7 @@ def test_unsigned_code_and_quantizer_match_bitsandbytes():
     bitsandbytes' ``create_dynamic_map(signed=False)`` and CPU ``quantize_blockwise``, on
     every code value, code midpoint and grid point in [0, 1] (each also one ulp either side),
     on squared normals over 6 decades, and on an all-zero block."""
+    bnb = pytest.importorskip("bitsandbytes")  # only these two need it (the GPU machine may lack it)
     code = DYNAMIC_CODE_UNSIGNED
     assert torch.equal(code, bnb.functional.create_dynamic_map(signed=False))
     g = torch.arange(32768, 65536, dtype=torch.float32)
@@ -92,6 +92,7 @@ def test_matches_bitsandbytes_adamw8bit():
     """Same parameters, same gradients, 10 steps with weight decay: the same 8-bit states, scales
     and parameters as bitsandbytes.optim.AdamW8bit (tolerances in the module docstring). The
     1000-element tensor keeps fp32 moments in both (below min_8bit_size)."""
+    bnb = pytest.importorskip("bitsandbytes")  # only these two need it (the GPU machine may lack it)
     g = torch.Generator().manual_seed(1)
     init = [(torch.randn(shape, generator=g) * 0.05).to(dtype) for shape, dtype in SHAPES]
     ours = [torch.nn.Parameter(x.clone()) for x in init]
