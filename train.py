@@ -27,6 +27,7 @@ from nanolora import cli, distributed, full_finetune, load_model
 from nanolora.cpu_threads import CPUThreads
 from nanolora.data import IGNORE, Batches, load_examples, pad_token_id, split_eval
 from nanolora.default_model import DEFAULT_MODEL, resolve_model
+from nanolora.dynamic_4bit import choose_for_run, read_choice
 from nanolora.lora import attach_lora, lora_parameters, parse_targets, summary
 from nanolora.optim import OPTIMIZERS, make_optimizer
 from nanolora.peft import adapter_state, load_adapter_weights, save_adapter
@@ -38,7 +39,9 @@ from nanolora.tracking import REPORT_TO, Tracker, plot_loss
 # ----------------------------------------------------------------------------- settings
 DEFAULTS = dict(
     model=DEFAULT_MODEL,        # HF folder, hub id or .gguf file
-    load_in_4bit=False,         # QLoRA: the frozen projections in NF4 (bitsandbytes checkpoints load 4-bit anyway)
+    load_in_4bit=False,         # QLoRA: the frozen projections in NF4 (bitsandbytes checkpoints load 4-bit anyway);
+                                # dynamic: NF4 but for the most sensitive ones, measured on the training data
+    dynamic_budget=0.1,         # dynamic: 16-bit projections may add this fraction of all-NF4's projection bytes
     full=False,                 # full fine-tuning: every weight trains, no LoRA; saved to <out>/model/ (HF format)
     data=str(Path(__file__).parent / "data" / "devils_dictionary.jsonl"),  # .jsonl/.json/.parquet, folder, hub dataset
     data_split="",              # a folder's / hub dataset's split (files named train*, test*, ...); default train
@@ -76,6 +79,8 @@ def parse_settings(argv=None):
             kind = _count_or_fraction
         if name == "grad_checkpointing":
             kind = _checkpointing
+        if name == "load_in_4bit":
+            kind = lambda text: "dynamic" if text.lower() == "dynamic" else _bool(text)  # noqa: E731
         parser.add_argument(f"--{name}", type=kind, default=default, choices=CHOICES.get(name),
                             metavar=type(default).__name__.upper() if name not in CHOICES else None,
                             help=f"default: {default}")
@@ -209,9 +214,13 @@ def main(argv=None):
     t0 = time.time()
     with distributed.main_first():  # one download or conversion, not one per rank
         path = full_finetune.resume_source(resume_folder) if s.full and s.resume else resolve_model(s.model)
+    choice = None  # dynamic 4-bit: the projections kept 16-bit, the resumed run's or measured now
+    if s.load_in_4bit == "dynamic":
+        choice = read_choice(resume_folder, required=True) if s.resume else choose_for_run(path, s, device, amp_dtype)
     model, tokenizer = load_model(path, device=distributed.load_device(device, s.parallel, s.load_in_4bit),
                                   dtype=full_finetune.weights_dtype(amp_dtype) if s.full else amp_dtype,
-                                  load_in_4bit=s.load_in_4bit)
+                                  load_in_4bit=bool(s.load_in_4bit), skip_modules=choice and choice.modules)
+    model.dynamic_4bit = choice  # saved beside the adapter, so reloads need not measure
     if s.full:
         full_finetune.make_trainable(model)
     else:

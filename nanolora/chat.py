@@ -1,6 +1,6 @@
 """Chat with a model, to try what a run trained.
 
-    python -m nanolora.chat MODEL [--adapter out/] [--load_in_4bit true] [--temperature 0.7]
+    python -m nanolora.chat MODEL [--adapter out/] [--load_in_4bit true|dynamic] [--temperature 0.7]
     echo "Define LAWYER." | python -m nanolora.chat MODEL --adapter out/
 
 MODEL is an HF folder (a base, or a full fine-tune's output), a hub id or a .gguf file. The
@@ -21,7 +21,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m nanolora.chat", description=__doc__.split("\n")[0])
     parser.add_argument("model", help="HF folder, hub id or .gguf file")
     parser.add_argument("--adapter", help="a PEFT LoRA adapter folder (what train.py writes)")
-    parser.add_argument("--load_in_4bit", default="false", choices=("true", "false"), help="NF4 base (QLoRA)")
+    parser.add_argument("--load_in_4bit", default="false", choices=("true", "false", "dynamic"),
+                        help="NF4 base (QLoRA); dynamic: as the adapter's dynamic_4bit.json chose")
     parser.add_argument("--system", help="a system prompt, as the conversation's first turn")
     parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     parser.add_argument("--top_p", type=float, default=0.9, help="sample from this much probability mass")
@@ -91,7 +92,7 @@ def main(argv=None, stdin=None, out=None):
     stdin, out = stdin or sys.stdin, out or sys.stdout
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tokenizer = load_model(resolve_model(args.model), device=device, adapter=args.adapter,
-                                  load_in_4bit=args.load_in_4bit == "true")
+                                  load_in_4bit={"true": True, "false": False}.get(args.load_in_4bit, "dynamic"))
     if tokenizer.chat_template is None:
         sys.exit(f"{args.model}: the tokenizer has no chat template, so there is no conversation format to chat in")
     model.eval()

@@ -30,6 +30,7 @@ RANGES = {
     "save_every": (0, None, "0 or more"),
     "save_total_limit": (0, None, "0 (keep all) or more"),
     "samples": (0, None, "0 or more"),
+    "dynamic_budget": (0, None, "0 or more (extra bytes, as a fraction of all-NF4 projection bytes)"),
 }
 POSITIVE = ("alpha", "lr", "max_grad_norm")  # 0 itself is refused too
 

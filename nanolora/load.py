@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from nanolora import ops
 from nanolora.config import ModelConfig
+from nanolora.dynamic_4bit import check_choice, read_choice
 from nanolora.model import Linear, Transformer, hf_key
 from nanolora.nf4 import NF4Weight, quantize_nf4, read_bnb_quantization_config
 from nanolora.tokenizer import Tokenizer
@@ -41,7 +42,8 @@ def load_model(name_or_path, device=None, dtype=None, *, adapter=None, load_in_4
     adapter: a PEFT LoRA adapter folder to attach (see nanolora/peft.py).
     load_in_4bit: hold the seven projections of every block (q, k, v, o, gate, up, down) in
     NF4 with double quantization (QLoRA), quantizing each on the device as it streams in;
-    embeddings, norms, biases and the head stay in `dtype`. A bitsandbytes 4-bit checkpoint
+    embeddings, norms, biases and the head stay in `dtype`. "dynamic": NF4 except the
+    projections the adapter's dynamic_4bit.json keeps 16-bit (see nanolora/dynamic_4bit.py). A bitsandbytes 4-bit checkpoint
     (config.json's quantization_config) loads in NF4 as stored, with or without this flag.
     skip_modules: projections to keep in `dtype` anyway, by name or name suffix, e.g.
     ["down_proj"], ["mlp.down_proj"] or ["layers.0.mlp.down_proj"] (see `matches`).
@@ -72,6 +74,17 @@ def load_model(name_or_path, device=None, dtype=None, *, adapter=None, load_in_4
     with torch.device("meta"):
         model = Transformer(config)
     skip_modules = list(skip_modules or [])
+    # an adapter trained on a dynamic 4-bit base records which projections stayed 16-bit
+    choice = None
+    if adapter is not None:
+        from nanolora.peft import adapter_folder
+        choice = read_choice(adapter_folder(adapter), required=load_in_4bit == "dynamic")
+    if load_in_4bit == "dynamic":
+        if adapter is None:
+            raise ValueError("load_in_4bit='dynamic' needs the adapter whose dynamic_4bit.json says which projections "
+                             "stay 16-bit (train.py --load_in_4bit dynamic measures and records it)")
+        check_choice(model, choice, adapter_folder(adapter))
+        skip_modules += choice.modules
     module_names = [name for name, _ in model.named_modules()]
     for pattern in skip_modules:
         if not any(matches(name, [pattern]) for name in module_names):
@@ -87,6 +100,7 @@ def load_model(name_or_path, device=None, dtype=None, *, adapter=None, load_in_4
     if adapter is not None:
         from nanolora.peft import load_adapter
         load_adapter(model, adapter)
+        model.dynamic_4bit = choice  # saved again with the adapter (export --format peft keeps it)
     return model.eval(), tokenizer
 
 

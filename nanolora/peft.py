@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from nanolora.distributed import whole
 from nanolora.files import atomic_path
 from nanolora.config import LoRAConfig
+from nanolora.dynamic_4bit import save_choice
 from nanolora.lora import attach_lora, lora_layers, parse_targets
 from nanolora.model import hf_key
 
@@ -56,6 +57,8 @@ def save_adapter(model, folder, base_model_name_or_path=None, state=None):
         tmp.mkdir()
         save_file(adapter_state(model) if state is None else state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        if getattr(model, "dynamic_4bit", None) is not None:  # the base it was trained on: which projections stayed 16-bit
+            save_choice(tmp, model.dynamic_4bit)
 
 
 def adapter_folder(folder) -> Path:
