@@ -80,7 +80,7 @@ def parse_settings(argv=None):
         if name == "grad_checkpointing":
             kind = _checkpointing
         if name == "load_in_4bit":
-            kind = lambda text: "dynamic" if text.lower() == "dynamic" else _bool(text)  # noqa: E731
+            kind = cli.load_in_4bit
         parser.add_argument(f"--{name}", type=kind, default=default, choices=CHOICES.get(name),
                             metavar=type(default).__name__.upper() if name not in CHOICES else None,
                             help=f"default: {default}")

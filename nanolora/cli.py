@@ -54,6 +54,16 @@ def check_ranges(parser, settings):
             parser.error(f"--{name} must be {expected}, got {value}")
 
 
+def load_in_4bit(text):
+    """--load_in_4bit: true (every projection NF4), false, or dynamic (see dynamic_4bit.py)."""
+    value = text.lower()
+    if value == "dynamic":
+        return "dynamic"
+    if value in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return value in ("1", "true", "yes", "on")
+    raise argparse.ArgumentTypeError(f"expected true, false or dynamic, got {text!r}")
+
+
 def parse_device(parser, text):
     """--device: '' (cuda when there is one, else cpu), cpu, cuda or cuda:N, checked against
     what this machine has, before any weight is loaded."""

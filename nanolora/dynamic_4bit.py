@@ -93,8 +93,13 @@ def measure_sensitivity(model, checkpoint_tensors, batch) -> dict[str, float]:
 
     def score(name, layer, x):
         x = x.reshape(-1, x.shape[-1])[real]  # [real tokens, in]
+        key = hf_key(f"{name}.weight")
+        stored = checkpoint_tensors[key]() if key in checkpoint_tensors else None
+        if stored is None or not stored.is_floating_point() or stored.shape != layer.weight.shape:
+            raise ValueError(f"--load_in_4bit dynamic needs the checkpoint's 16-bit weights to measure against; "
+                             f"{key} is not one (a checkpoint already quantized, e.g. *-bnb-4bit?)")
         # the weight as the 16-bit model holds it (cast to the run's dtype), then fp32 for the sums
-        exact = checkpoint_tensors[hf_key(f"{name}.weight")]().to(device, dtype).float()
+        exact = stored.to(device, dtype).float()
         error = exact - ops.dense_weight(layer.weight, torch.float32)
         err, out = sums.setdefault(name, [0.0, 0.0])
         for part in x.split(_TOKEN_CHUNK):

@@ -43,8 +43,9 @@ def load_model(name_or_path, device=None, dtype=None, *, adapter=None, load_in_4
     load_in_4bit: hold the seven projections of every block (q, k, v, o, gate, up, down) in
     NF4 with double quantization (QLoRA), quantizing each on the device as it streams in;
     embeddings, norms, biases and the head stay in `dtype`. "dynamic": NF4 except the
-    projections the adapter's dynamic_4bit.json keeps 16-bit (see nanolora/dynamic_4bit.py). A bitsandbytes 4-bit checkpoint
-    (config.json's quantization_config) loads in NF4 as stored, with or without this flag.
+    projections the adapter's dynamic_4bit.json keeps 16-bit (see nanolora/dynamic_4bit.py).
+    A bitsandbytes 4-bit checkpoint (config.json's quantization_config) loads in NF4 as
+    stored, with or without this flag.
     skip_modules: projections to keep in `dtype` anyway, by name or name suffix, e.g.
     ["down_proj"], ["mlp.down_proj"] or ["layers.0.mlp.down_proj"] (see `matches`).
     Returns (model, tokenizer). The model's weights are frozen (requires_grad=False): LoRA

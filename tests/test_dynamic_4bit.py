@@ -15,6 +15,7 @@ from nanolora import dynamic_4bit, load_model, load_tokenizer
 from nanolora.data import load_examples, pad_token_id, split_eval
 from nanolora.dynamic_4bit import CHOICE_FILE, calibration_batch, checkpoint_tensors, choose, costs
 from nanolora.nf4 import NF4Weight
+from test_qlora import prequantized  # noqa: F401 (a fixture: a bitsandbytes 4-bit checkpoint)
 
 DATA = train.DEFAULTS["data"]
 SIZES = dict(intermediate_size=192)  # every projection a multiple of 64 values, as NF4 needs
@@ -52,7 +53,7 @@ def calibration(folder, seed=1337):
     tokenizer = load_tokenizer(folder)
     examples, _ = load_examples(DATA, tokenizer, 256)
     train_examples, _ = split_eval(examples, 2, seed)
-    return calibration_batch(train_examples, pad_token_id(tokenizer), seed)
+    return calibration_batch(train_examples, pad_token_id(tokenizer), seed, n_rows=6)
 
 
 def scores_and_costs(folder, batch):
@@ -192,7 +193,7 @@ def test_bad_load_in_4bit_is_one_line(capsys):
     with pytest.raises(SystemExit):
         train.parse_settings(["--load_in_4bit", "dynamc"])
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "--load_in_4bit" in err and "dynamc" in err
+    assert len(err.strip().splitlines()) == 1 and "--load_in_4bit" in err and "true, false or dynamic, got 'dynamc'" in err
 
 
 @pytest.fixture(scope="module")
@@ -239,3 +240,23 @@ def test_dynamic_needs_a_recorded_choice(planted, adapter, tmp_path):
     with pytest.raises(FileNotFoundError, match=f"{CHOICE_FILE}: no dynamic 4-bit choice"):
         load_model(planted, device="cpu", load_in_4bit="dynamic", adapter=tmp_path / "adapter")
     load_model(planted, device="cpu", load_in_4bit=True, adapter=tmp_path / "adapter")  # all-NF4 needs none
+
+
+@pytest.mark.gpu
+def test_gpu_dynamic_choice_and_reload(planted, tmp_path):
+    """On the GPU (bf16, fused kernels on): the hooks still see every projection (q/k/v and
+    gate/up run inside fused ops there), the planted one is kept, and the reload from the
+    record gives the same logits."""
+    model = train.main(train_args(planted, tmp_path / "out", "--device", "cuda", "--save_every", "0"))
+    assert f"model.{PLANTED}" in model.dynamic_4bit.modules
+    ids = torch.randint(0, 512, (2, 19), generator=torch.Generator().manual_seed(3)).cuda()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        expected = model.eval()(ids)
+        reloaded, _ = load_model(planted, device="cuda", load_in_4bit="dynamic", adapter=tmp_path / "out" / "adapter")
+        assert torch.equal(reloaded(ids), expected)
+
+
+def test_prequantized_checkpoint_is_refused(prequantized, tmp_path):
+    """A bitsandbytes 4-bit checkpoint has no 16-bit weights to measure NF4's error against."""
+    with pytest.raises(ValueError, match=r"needs the checkpoint's 16-bit weights.*q_proj.weight is not one"):
+        train.main(train_args(prequantized, tmp_path / "out", "--max_steps", "1", "--save_every", "0"))
