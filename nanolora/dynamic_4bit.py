@@ -26,6 +26,12 @@ small k/v projections with more error between them cost a third as much. Ties br
 name, and the scores come from a fixed sample of the training rows, so the same data and
 model give the same set.
 
+How well it chooses (bench/dynamic_4bit.py, SmolLM2-135M-Instruct, 10% budget): it keeps all
+30 v_proj and 3 k_proj and closes 24% of all-NF4's held-out loss gap to 16-bit; the same
+bytes picked at random close 7%; ranking by score alone, 21%; ranking per byte by the KL each
+projection alone causes at the logits (210 forwards) closes 30%. The score agrees with that
+KL only loosely in rank (Spearman 0.35) but finds most of what it finds, for one forward.
+
 The record. train.py saves the choice as dynamic_4bit.json beside the adapter (and in each
 checkpoint); `load_model(..., adapter=folder, load_in_4bit="dynamic")`, chat.py and a
 resumed run read it instead of measuring again.
