@@ -1,4 +1,4 @@
-"""One AdamW step of one parameter with 8-bit blockwise moments, in one Triton launch.
+"""One AdamW step of one parameter with 8-bit blockwise moments, in one Triton launch (per 16M elements).
 
 The torch reference is ``nanolora.adamw_8bit.adamw_step_reference`` (its module docstring
 derives the update and the state layout); this kernel does the same float32 operations in the
@@ -16,6 +16,12 @@ are approximate on the GPU), and the quantizer of ``nanolora.nf4.quantize_dynami
 x = clamp(m * (1 / absmax), -1, 1) snapped to a grid of 65536 points, g = trunc(fma((x + 1) / 2,
 65535, 0.5)), computed in float64 where it is exact, then the grid point's nearest code is read
 from a 64 KiB table (one gather instead of a binary search over the code).
+
+A bf16 parameter may be rounded stochastically: the launcher is then given ``noise``, a function
+n -> int32 [n] of random bits in [0, 2^16) (drawn by torch, nanolora/stochastic_rounding.py),
+and the kernel adds them to the float32 result's bit pattern and zeroes its low 16 bits, the
+reference's ``round_with_noise`` in the same integer ops; the bf16 store is then exact. The
+parameter is stepped LAUNCH_ELEMENTS at a time, so the noise costs at most 64 MiB.
 
 Small parameters (fewer than the optimizer's min_8bit_size elements) keep fp32 moments: the
 same kernel with QUANTIZED=False reads and writes them directly.
@@ -35,6 +41,9 @@ BLOCKSIZE = 256
 BLOCKS_PER_PROGRAM = 4
 NUM_WARPS = 4
 _GRID = 65535.0
+# Elements per launch: 64 MiB of int32 noise at most, and a multiple of the 2^20 elements the
+# noise is drawn in (stochastic_rounding.NOISE_CHUNK), so the kernel sees the reference's noise.
+LAUNCH_ELEMENTS = 1 << 24
 
 
 @triton.jit
@@ -62,12 +71,14 @@ def _adamw_kernel(
     unsigned_code_ptr,  # float32 [256]
     signed_index_ptr,  # uint8 [65536]: grid point -> nearest signed code
     unsigned_index_ptr,  # uint8 [65536]
+    noise_ptr,  # int32 [n] in [0, 2^16): random low bits (STOCHASTIC only)
     n,
     n_blocks,
     beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size, inverse_correction2,
     BLOCKSIZE: tl.constexpr,
     BLOCKS_PER_PROGRAM: tl.constexpr,
     QUANTIZED: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
 ):
     block = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)  # [B]
     element = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]  # [B, BLOCKSIZE]
@@ -93,6 +104,9 @@ def _adamw_kernel(
     param = param * decay
     denom = tl.sqrt_rn(v) * inverse_correction2 + eps
     param = param + tl.div_rn(m, denom) * step_size
+    if STOCHASTIC:  # add random low bits, truncate: round_with_noise; exact in bf16 afterwards
+        noise = tl.load(noise_ptr + element, mask=in_range, other=0)
+        param = ((param.to(tl.int32, bitcast=True) + noise) & -65536).to(tl.float32, bitcast=True)
     tl.store(param_ptr + element, param.to(param_ptr.dtype.element_ty), mask=in_range)
 
     if QUANTIZED:
@@ -107,11 +121,12 @@ def _adamw_kernel(
         tl.store(exp_avg_sq_ptr + element, v, mask=in_range)
 
 
-def adamw_step_triton(param, grad, state, lr, beta1, beta2, eps, weight_decay, tables):
-    """``adamw_step_reference`` in one launch: ``param`` (contiguous) and ``state`` updated in
-    place, ``state["step"]`` already counting this step. ``tables``: (signed code, unsigned code,
-    signed grid index, unsigned grid index) on the parameter's device
-    (``nanolora.adamw_8bit.code_tables``)."""
+def adamw_step_triton(param, grad, state, lr, beta1, beta2, eps, weight_decay, tables, noise=None):
+    """``adamw_step_reference``, one launch per LAUNCH_ELEMENTS: ``param`` (contiguous) and
+    ``state`` updated in place, ``state["step"]`` already counting this step. ``tables``: (signed
+    code, unsigned code, signed grid index, unsigned grid index) on the parameter's device
+    (``nanolora.adamw_8bit.code_tables``). ``noise``: None (round to nearest) or, for a bf16
+    ``param``, a function n -> int32 [n], the next n elements' random low bits, called in order."""
     t = state["step"]
     step_size, decay = -lr / (1 - beta1**t), 1 - lr * weight_decay  # rounded to float32 at the launch
     # a float32 reciprocal of float32 c2, as torch's `x / c2` computes it (the reference's order)
@@ -119,12 +134,21 @@ def adamw_step_triton(param, grad, state, lr, beta1, beta2, eps, weight_decay, t
     quantized = "exp_avg_absmax" in state
     exp_avg_absmax = state["exp_avg_absmax"] if quantized else state["exp_avg"]  # unused when not quantized
     exp_avg_sq_absmax = state["exp_avg_sq_absmax"] if quantized else state["exp_avg_sq"]
-    n = param.numel()
-    n_blocks = triton.cdiv(n, BLOCKSIZE)
-    grid = (triton.cdiv(n_blocks, BLOCKS_PER_PROGRAM),)
-    _adamw_kernel[grid](
-        param, grad, state["exp_avg"], state["exp_avg_sq"], exp_avg_absmax, exp_avg_sq_absmax, *tables,
-        n, n_blocks, beta1, 1 - beta1, beta2, 1 - beta2, eps, decay, step_size, inverse_correction2,
-        BLOCKSIZE=BLOCKSIZE, BLOCKS_PER_PROGRAM=BLOCKS_PER_PROGRAM, QUANTIZED=quantized,
-        num_warps=NUM_WARPS, enable_fp_fusion=False,
-    )
+    if noise is not None and param.dtype != torch.bfloat16:
+        raise ValueError(f"stochastic rounding is to bf16; this parameter is {param.dtype}")
+    flat_param, flat_grad = param.view(-1), grad.view(-1)
+    for start in range(0, param.numel(), LAUNCH_ELEMENTS):  # a multiple of BLOCKSIZE: whole blocks
+        end = min(start + LAUNCH_ELEMENTS, param.numel())
+        elements, blocks = slice(start, end), slice(start // BLOCKSIZE, triton.cdiv(end, BLOCKSIZE))
+        n = end - start
+        n_blocks = triton.cdiv(n, BLOCKSIZE)
+        chunk_noise = flat_param if noise is None else noise(n)  # unused when rounding to nearest
+        grid = (triton.cdiv(n_blocks, BLOCKS_PER_PROGRAM),)
+        _adamw_kernel[grid](
+            flat_param[elements], flat_grad[elements], state["exp_avg"][elements], state["exp_avg_sq"][elements],
+            exp_avg_absmax[blocks] if quantized else exp_avg_absmax[elements],
+            exp_avg_sq_absmax[blocks] if quantized else exp_avg_sq_absmax[elements], *tables, chunk_noise,
+            n, n_blocks, beta1, 1 - beta1, beta2, 1 - beta2, eps, decay, step_size, inverse_correction2,
+            BLOCKSIZE=BLOCKSIZE, BLOCKS_PER_PROGRAM=BLOCKS_PER_PROGRAM, QUANTIZED=quantized,
+            STOCHASTIC=noise is not None, num_warps=NUM_WARPS, enable_fp_fusion=False,
+        )

@@ -25,7 +25,8 @@ float32 throughout, every operation rounded on its own (no fused multiply-add), 
     p = p + (m / (sqrt(v) * (1 / c2) + eps)) * (-lr / c1)   c1 = 1 - beta1^t, c2 = sqrt(1 - beta2^t)
     m_q, m_absmax = quantize(m); v_q, v_absmax = quantize(v)   new absmax = max |new moment|
 
-then p is cast back to its dtype (round to nearest even). sqrt is the exactly rounded one; 1 / c2
+then p is cast back to its dtype: a bf16 parameter is rounded stochastically (below), any other
+to nearest even. sqrt is the exactly rounded one; 1 / c2
 is a float32 reciprocal of float32 c2 (torch computes ``x / scalar`` as ``x * (1 / scalar)``,
 so that is what bitsandbytes' ``sqrt(v) / c2`` does on the CPU). This is torch.optim.AdamW's
 update and bitsandbytes' CPU order. Its CUDA kernel differs in details: it decays p after the
@@ -34,6 +35,16 @@ approximate division before searching the code, and moves a first-moment code wh
 flipped in rounding to the next code of the right sign. We follow the CPU version, which the
 tests compare against. The order is spelled out because kernels/adamw_8bit.py does the same
 operations and matches this reference bit for bit.
+
+bf16 parameters (``--full true`` on a GPU: no fp32 master copy) are rounded stochastically,
+up with probability equal to the fraction of a bf16 ulp the float32 p lies above the bf16 below
+it (nanolora/stochastic_rounding.py, the same rounding as full fine-tuning's AdamW): rounded to
+nearest, every update below half an ulp of its weight (2^-9 of it; a fine-tuning lr of 1e-5 on
+weights of ~0.02 is below that) is lost and training stalls (tests/test_adamw_8bit.py shows it).
+The 16 random bits per element come from torch (``draw_noise``, one generator per parameter and
+step), so the kernel adds the same bits as the reference; a resumed run draws the same noise.
+fp16 parameters round to nearest: nanolora never steps fp16 weights (without bf16, full
+fine-tuning keeps fp32 ones, and LoRA matrices are fp32).
 
 Tensors with fewer than MIN_8BIT_SIZE (4096) elements (norm weights, biases) keep fp32 moments,
 as bitsandbytes does: the blockwise overhead buys nothing there, and they are few.
@@ -44,11 +55,12 @@ The state of a parameter, saved in checkpoints as is (``state_dict``):
     exp_avg_absmax, exp_avg_sq_absmax   float32 [ceil(numel / 256)] (8-bit only)
 """
 import math
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import torch
 
 from nanolora import ops
+from nanolora.stochastic_rounding import NOISE_CHUNK, draw_noise, round_with_noise, rounding_generator
 from nanolora.nf4 import (DYNAMIC_CODE, DYNAMIC_CODE_UNSIGNED, dequantize_dynamic_8bit, grid_to_code_index,
                           quantize_dynamic_8bit)
 
@@ -56,14 +68,16 @@ BLOCKSIZE = 256  # bitsandbytes' block size for optimizer state
 MIN_8BIT_SIZE = 4096  # smaller tensors keep fp32 moments (bitsandbytes' default min_8bit_size)
 # The reference works on slices of this many elements (a multiple of BLOCKSIZE): its temporaries
 # take ~70 bytes per element, so an embedding of 50M parameters does not cost 3.5 GB at once.
-_CHUNK = 1 << 20
+_CHUNK = NOISE_CHUNK  # 1 << 20; a multiple of NOISE_CHUNK, so the noise is drawn as the kernel draws it
 
 
 @torch.no_grad()
-def adamw_step_reference(param, grad, state, lr, beta1, beta2, eps, weight_decay):
+def adamw_step_reference(param, grad, state, lr, beta1, beta2, eps, weight_decay, noise=None):
     """One AdamW step of one contiguous parameter, in place (param and state), with the
     state's ``step`` already counting this step. The order of operations is the module
-    docstring's; kernels/adamw_8bit.py's ``adamw_step_triton`` takes the same arguments."""
+    docstring's; kernels/adamw_8bit.py's ``adamw_step_triton`` takes the same arguments.
+    ``noise``: for a stochastically rounded bf16 ``param``, a function n -> int32 [n], the next
+    n elements' random low bits (``stochastic_rounding.draw_noise``), called in order."""
     t = state["step"]
     step_size, decay = -lr / (1 - beta1**t), 1 - lr * weight_decay  # rounded to float32 by the ops
     # torch computes `x / c2` as `x * (1 / c2)`, the reciprocal in float32: spelled out here
@@ -88,7 +102,7 @@ def adamw_step_reference(param, grad, state, lr, beta1, beta2, eps, weight_decay
         # bits, so the double rounding is harmless). torch's float32 sqrt on the CPU is not: on
         # large tensors (MKL) one result in ~140 is one ulp off, measured here.
         p = p + (m / (v.double().sqrt().float() * inverse_correction2 + eps)) * step_size
-        flat_param[elements] = p
+        flat_param[elements] = p if noise is None else round_with_noise(p, noise(end - start))
         if quantized:
             state["exp_avg"][elements], state["exp_avg_absmax"][blocks] = quantize_dynamic_8bit(m, BLOCKSIZE)
             state["exp_avg_sq"][elements], state["exp_avg_sq_absmax"][blocks] = quantize_dynamic_8bit(
@@ -111,18 +125,20 @@ class AdamW8bit(torch.optim.Optimizer):
     Same hyperparameters as torch.optim.AdamW (and bitsandbytes' AdamW8bit); on CUDA the update
     of each parameter is one Triton launch (kernels/adamw_8bit.py), elsewhere (or with
     NANOLORA_KERNELS=0) the torch reference runs. ``min_8bit_size``: parameters with fewer
-    elements keep fp32 moments.
+    elements keep fp32 moments. bf16 parameters are rounded stochastically (module docstring)
+    unless ``stochastic_rounding`` is False; the noise of parameter i of group j at step t comes
+    from a generator seeded with (seed, j, i, t), so resumed runs and DDP replicas draw the same.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 min_8bit_size=MIN_8BIT_SIZE):
+                 min_8bit_size=MIN_8BIT_SIZE, seed=0, stochastic_rounding=True):
         if not (lr >= 0 and eps >= 0 and weight_decay >= 0 and min_8bit_size >= 0):
             raise ValueError(f"AdamW8bit: lr, eps, weight_decay and min_8bit_size must be >= 0, got lr={lr}, "
                              f"eps={eps}, weight_decay={weight_decay}, min_8bit_size={min_8bit_size}")
         if not all(0 <= beta < 1 for beta in betas) or len(betas) != 2:
             raise ValueError(f"AdamW8bit: betas must be two numbers in [0, 1), got {betas}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        self.min_8bit_size = min_8bit_size
+        self.min_8bit_size, self.seed, self.stochastic_rounding = min_8bit_size, seed, stochastic_rounding
 
     def _new_state(self, p) -> dict:
         n = p.numel()
@@ -142,9 +158,9 @@ class AdamW8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for group_index, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
+            for index, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
@@ -155,13 +171,17 @@ class AdamW8bit(torch.optim.Optimizer):
                 state["step"] += 1
                 # the update reads and writes a flat view: a non-contiguous parameter goes through a copy
                 target = p if p.is_contiguous() else p.contiguous()
+                noise = None
+                if self.stochastic_rounding and p.dtype == torch.bfloat16:
+                    generator = rounding_generator(self.seed, group_index, index, state["step"], p.device)
+                    noise = partial(draw_noise, generator, device=p.device)  # n -> the next n elements' bits
                 args = (target, p.grad.contiguous(), state, group["lr"], beta1, beta2, group["eps"],
                         group["weight_decay"])
                 if ops.kernels_enabled() and p.is_cuda:
                     from nanolora.kernels.adamw_8bit import adamw_step_triton
-                    adamw_step_triton(*args, tables=code_tables(p.device))
+                    adamw_step_triton(*args, tables=code_tables(p.device), noise=noise)
                 else:
-                    adamw_step_reference(*args)
+                    adamw_step_reference(*args, noise=noise)
                 if target is not p:
                     p.copy_(target)
         return loss

@@ -29,6 +29,7 @@ import torch
 from nanolora import distributed
 from nanolora.checkpoint import merged_tensors, save_merged
 from nanolora.nf4 import NF4Weight
+from nanolora.stochastic_rounding import round_stochastically, rounding_generator
 
 MODEL_FOLDER = "model"  # <out>/model/ and <checkpoint>/model/: the weights as an HF checkpoint
 
@@ -73,22 +74,15 @@ def save_model(model, tokenizer, folder, source):
 
 
 # ----------------------------------------------------------------------------- the optimizer
-_CHUNK = 2**24  # elements updated at a time: fp32 temporaries of 64 MiB, not of the largest tensor
-
-
-def round_stochastically(x, generator):
-    """fp32 `x` -> bf16, rounded up with probability (x - down) / (up - down), where down and up
-    are the bf16 values either side of x: E[result] = x. A bf16 is the top 16 bits of an fp32,
-    so adding 16 random low bits to x's bit pattern and truncating them does exactly this (the
-    pattern is sign and magnitude, so it works for negative x too; a carry moves to the next
-    binade, as it should)."""
-    noise = torch.randint(0, 2**16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
-    return ((x.view(torch.int32) + noise) & -(2**16)).view(torch.float32).to(torch.bfloat16)
+# elements updated at a time: fp32 temporaries of 64 MiB, not of the largest tensor (a multiple of
+# stochastic_rounding.NOISE_CHUNK, which any chunk of a parameter but its last must be)
+_CHUNK = 2**24
 
 
 class AdamW(torch.optim.Optimizer):
     """AdamW with fp32 moments whatever the parameter's dtype, and a stochastically rounded
-    update for bf16 parameters (see the module docstring). For fp32 parameters it is
+    update for bf16 parameters (see the module docstring; the rounding is
+    nanolora/stochastic_rounding.py's, shared with AdamW8bit). For fp32 parameters it is
     torch.optim.AdamW's arithmetic, step for step (tests/test_full_finetune.py compares them).
 
     The rounding noise of parameter i at step t comes from a generator seeded with
@@ -118,8 +112,7 @@ class AdamW(torch.optim.Optimizer):
                 bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
                 generator = None
                 if p.dtype == torch.bfloat16:
-                    generator = torch.Generator(p.device).manual_seed(hash((self.seed, group_index, index, step))
-                                                                      & (2**63 - 1))
+                    generator = rounding_generator(self.seed, group_index, index, step, p.device)
                 # this rank's part (FSDP2), flattened and taken a chunk at a time; views, so the
                 # in-place updates land in the parameter and its state
                 tensors = [distributed.local(t).view(-1) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
