@@ -22,6 +22,9 @@ SHAPES = {  # the rows of ../shared/PEERS.md
                        num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False),
     "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    # a CPU check that a bench runs (bench/full_step.py --tiny)
+    "llama-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False),
 }
 
 

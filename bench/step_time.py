@@ -1,18 +1,27 @@
-"""Time LoRA training steps of one system on one checkpoint, in this process.
+"""Time LoRA (or full fine-tuning) steps of one system on one checkpoint, in this process.
 
     python bench/step_time.py nanolora /tmp/llama8b --batch 2 --seq 2048 [--nf4]
     python bench/step_time.py hf       /tmp/llama8b --batch 2 --seq 2048 [--nf4]
     python bench/step_time.py unsloth  /tmp/llama8b --batch 2 --seq 2048 [--nf4]
+    python bench/step_time.py nanolora /tmp/llama1b --full --optim adamw_8bit   # full fine-tuning
 
 The setup of ../shared/PEERS.md for every system: LoRA r=16, alpha=16, dropout 0 on all seven
 projections; AdamW lr 2e-4; random token ids with labels = inputs, no padding; gradient
 checkpointing on; bf16. Reports the median step time of `--steps` steps after `--warmup`
 and torch.cuda.max_memory_allocated() as one JSON line (bench/run.py collects them). Run
 each system in its own process, so that peak memory is its own.
+
+--full: every weight trains (no LoRA), lr 1e-5. nanolora steps with what `train.py --full true`
+uses: full_finetune.AdamW for --optim adamw (bf16 weights, fp32 moments, stochastic rounding),
+AdamW8bit for adamw_8bit; HF with torch.optim.AdamW(fused) on its bf16 weights (moments in bf16:
+the plain Trainer-free loop). Running out of memory is reported as a JSON line with `error`
+"does not fit". On a machine without CUDA it runs on the CPU (bench/full_step.py --tiny: a check
+that the bench runs, not a measurement; peak_gib is then the process's peak RSS).
 """
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -25,34 +34,44 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def nanolora_setup(path, args):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from nanolora import load_model
+    from nanolora import full_finetune, load_model
     from nanolora.lora import attach_lora, lora_parameters
+    from nanolora.optim import make_optimizer
     from train import accumulate_gradients, count_labels
     options = {"load_in_4bit": True} if args.nf4 else {}
-    model, _ = load_model(path, device="cuda", dtype=torch.bfloat16, **options)
-    attach_lora(model, "all", r=16, alpha=16)
+    device = torch.device(args.device)
+    model, _ = load_model(path, device=device, dtype=torch.bfloat16, **options)
+    if args.full:
+        params = full_finetune.trainable_parameters(full_finetune.make_trainable(model))
+    else:
+        attach_lora(model, "all", r=16, alpha=16)
+        params = lora_parameters(model)
     model.grad_checkpointing = "offload" if args.checkpointing == "offload" else True
     model.train()
-    optimizer = torch.optim.AdamW(lora_parameters(model), lr=2e-4, fused=True)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-    no_scaling = torch.amp.GradScaler("cuda", enabled=False)  # bf16 needs no loss scaling
+    if args.full and args.optim == "adamw":  # train.py's choice for --full true
+        optimizer = full_finetune.AdamW(params, lr=args.lr)
+    else:
+        optimizer = make_optimizer(params, args.optim, args.lr, 0.0, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    no_scaling = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling
 
     def step(ids):
         batch = {"input_ids": ids, "labels": ids, "attention_mask": None, "position_ids": None, "segment_ids": None}
         n = count_labels([batch])
-        loss_sum = accumulate_gradients(model, [batch], n, torch.device("cuda"), autocast, no_scaling)
-        torch.nn.utils.clip_grad_norm_(lora_parameters(model), 1.0)
+        loss_sum = accumulate_gradients(model, [batch], n, device, autocast, no_scaling)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss_sum / n
-    return model.config.vocab_size, step
+    return model.config.vocab_size, step, optimizer
 
 
-def hf_style_step(model):
-    """One optimizer step of a transformers/PEFT model (HF and Unsloth train the same way)."""
+def hf_style_step(model, args):
+    """One optimizer step of a transformers/PEFT model (HF and Unsloth train the same way);
+    returns it and the optimizer."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=2e-4, fused=True)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, fused=args.device == "cuda")
 
     def step(ids):
         loss = model(input_ids=ids, labels=ids).loss
@@ -61,21 +80,22 @@ def hf_style_step(model):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
-    return step
+    return step, optimizer
 
 
 def hf_setup(path, args):
-    import peft
     import transformers
     quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                             bnb_4bit_compute_dtype=torch.bfloat16) if args.nf4 else None
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda",
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=args.device,
                                                               quantization_config=quant, attn_implementation="sdpa")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
-    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none",
-                                                       target_modules=TARGETS, task_type="CAUSAL_LM"))
-    return model.config.vocab_size, hf_style_step(model)
+    if not args.full:
+        import peft
+        model.enable_input_require_grads()
+        model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none",
+                                                           target_modules=TARGETS, task_type="CAUSAL_LM"))
+    return model.config.vocab_size, *hf_style_step(model, args)
 
 
 def unsloth_setup(path, args):
@@ -84,7 +104,23 @@ def unsloth_setup(path, args):
                                                  load_in_4bit=args.nf4)
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, bias="none",
                                              target_modules=TARGETS, use_gradient_checkpointing="unsloth")
-    return model.config.vocab_size, hf_style_step(model)
+    return model.config.vocab_size, *hf_style_step(model, args)
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_gib(device):
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def state_gib(optimizer):
+    return sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+               if torch.is_tensor(t)) / 2**30
 
 
 def main():
@@ -94,6 +130,8 @@ def main():
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--nf4", action="store_true")
+    parser.add_argument("--full", action="store_true", help="full fine-tuning: every weight trains, no LoRA")
+    parser.add_argument("--optim", choices=["adamw", "adamw_8bit"], default="adamw", help="nanolora's --optim")
     parser.add_argument("--checkpointing", choices=["true", "offload"],
                         default=os.environ.get("NANOLORA_BENCH_CHECKPOINTING", "true"),
                         help="nanolora's gradient checkpointing (Unsloth offloads, HF keeps inputs on the GPU)")
@@ -102,34 +140,47 @@ def main():
     parser.add_argument("--print_loss_every", type=int, default=0)
     parser.add_argument("--repeat_batch", action="store_true", help="train on one batch over and over (the loss must fall)")
     args = parser.parse_args()
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.lr = 1e-5 if args.full else 2e-4
     if args.system == "unsloth":
         import unsloth  # noqa: F401  (it must be imported before transformers to patch it)
+    setting = dict(system=args.system, weights="nf4" if args.nf4 else "bf16", batch=args.batch, seq=args.seq,
+                   full=args.full, optim=args.optim if args.system == "nanolora" else "adamw")
+    try:
+        result = measure(args)
+    except torch.OutOfMemoryError as e:
+        first_line = str(e).splitlines()[0] if str(e) else "out of memory"
+        result = dict(error=f"does not fit: {first_line[:120]}", peak_gib=peak_gib(args.device))
+    print(json.dumps({**setting, **result}))
+
+
+def measure(args):
     t0 = time.time()
-    vocab, step = {"nanolora": nanolora_setup, "hf": hf_setup, "unsloth": unsloth_setup}[args.system](args.checkpoint, args)
-    torch.cuda.synchronize()
+    vocab, step, optimizer = {"nanolora": nanolora_setup, "hf": hf_setup,
+                              "unsloth": unsloth_setup}[args.system](args.checkpoint, args)
+    sync(args.device)
     load_s = time.time() - t0
-    load_peak_gib = torch.cuda.max_memory_allocated() / 2**30
-    loaded_gib = torch.cuda.memory_allocated() / 2**30
-    gen = torch.Generator("cuda").manual_seed(0)
+    load_peak_gib = peak_gib(args.device)
+    loaded_gib = torch.cuda.memory_allocated() / 2**30 if args.device == "cuda" else 0.0
+    gen = torch.Generator(args.device).manual_seed(0)
     times, losses = [], []
-    ids = torch.randint(0, vocab, (args.batch, args.seq), device="cuda", generator=gen)
+    ids = torch.randint(0, vocab, (args.batch, args.seq), device=args.device, generator=gen)
     for i in range(args.warmup + args.steps):
         if not args.repeat_batch:
-            ids = torch.randint(0, vocab, (args.batch, args.seq), device="cuda", generator=gen)
-        torch.cuda.synchronize()
+            ids = torch.randint(0, vocab, (args.batch, args.seq), device=args.device, generator=gen)
+        sync(args.device)
         start = time.perf_counter()
         loss = step(ids)
-        torch.cuda.synchronize()
+        sync(args.device)
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
         if args.print_loss_every and i % args.print_loss_every == 0:
             losses.append(round(loss.item(), 4))
             print(f"step {i}: loss {losses[-1]}", flush=True)
     median = statistics.median(times)
-    print(json.dumps(dict(system=args.system, weights="nf4" if args.nf4 else "bf16", batch=args.batch, seq=args.seq,
-                          tokens_per_s=args.batch * args.seq / median, step_s=median,
-                          peak_gib=torch.cuda.max_memory_allocated() / 2**30, load_s=load_s,
-                          loaded_gib=loaded_gib, load_peak_gib=load_peak_gib, losses=losses)))
+    return dict(tokens_per_s=args.batch * args.seq / median, step_s=median, peak_gib=peak_gib(args.device),
+                load_s=load_s, loaded_gib=loaded_gib, load_peak_gib=load_peak_gib,
+                optimizer_state_gib=state_gib(optimizer), losses=losses)
 
 
 if __name__ == "__main__":
