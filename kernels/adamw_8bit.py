@@ -40,7 +40,7 @@ import triton.language as tl
 BLOCKSIZE = 256
 BLOCKS_PER_PROGRAM = 4
 NUM_WARPS = 4
-_GRID = 65535.0
+_GRID = tl.constexpr(65535.0)  # a global a @triton.jit function reads must be a constexpr
 # Elements per launch: 64 MiB of int32 noise at most, and a multiple of the 2^20 elements the
 # noise is drawn in (stochastic_rounding.NOISE_CHUNK), so the kernel sees the reference's noise.
 LAUNCH_ELEMENTS = 1 << 24

@@ -30,6 +30,11 @@ import torch
 from nanolora.gguf_quants import GGML_TYPES, TYPE_IDS, row_bytes
 
 GROUP_MAX_EPS = 1e-15  # ggml-quants.c: a group whose largest |x| is below this is all zero
+# On CUDA, a Q4_K/Q5_K block whose values are all float32 subnormals (~1e-40) came out other
+# than on the CPU and in llama.cpp (tests/test_gguf_quants.py, H200: some CUDA op flushes a
+# subnormal intermediate). Blocks whose largest value is below 2^-100 (no real weight is) are
+# quantized on the CPU instead, far enough above the subnormals for every scale and product.
+TINY_BLOCK = 2.0 ** -100
 # values per chunk. CPU: small enough that a chunk's temporaries stay in cache, large enough
 # that torch's per-op overhead (a few us) is paid on thousands of sub-blocks at once. CUDA:
 # large, so that each kernel has millions of values to work on.
@@ -57,7 +62,13 @@ def quantize(values, type_name: str, device=None) -> np.ndarray:
 
     def run(start):
         part = blocks[start:start + step].to(device=device, dtype=torch.float32)
-        out[start:start + step] = _QUANTIZERS[type_name](part).cpu()
+        result = _QUANTIZERS[type_name](part).cpu()
+        if part.is_cuda:  # blocks of float32-subnormal size go to the CPU (see TINY_BLOCK)
+            amax = part.abs().amax(dim=1)
+            tiny = ((amax > 0) & (amax < TINY_BLOCK)).nonzero().flatten().cpu()
+            if len(tiny):
+                result[tiny] = _QUANTIZERS[type_name](part[tiny].cpu())
+        out[start:start + step] = result
 
     starts = range(0, len(blocks), step)
     threads = torch.get_num_threads()
