@@ -124,13 +124,19 @@ def test_bf16_parity_on_gpu(tmp_path, family):
 
     With NANOLORA_KERNELS=0 the model definition alone is compared (on the CPU its bf16 logits
     carry exactly transformers' bf16 error for every family). With the fused kernels, which round
-    in other places, the error is a different draw of about the same size (gemma2's is 4-6%
-    here), so that comparison averages four batches. The printed line separates the two."""
+    in other places, the error is a different draw of about the same size, so that comparison
+    averages four batches. The printed line separates the two."""
     import transformers
     from nanolora import ops
     save_checkpoint(tmp_path, family)
-    truth_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).cuda().eval()
-    hf_bf16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).cuda().eval()
+    # eager: the implementation that surely applies Gemma 2's attention soft-cap (2.0 in this
+    # fixture). With the default one, the GPU machine's transformers 5.17 gave gemma2 an error
+    # of 1.47 for nanolora, kernels on and off alike, where the CPU's 5.24 (eager its only
+    # choice for gemma2) agrees with nanolora to 0.0: a default that drops the cap would do
+    # that (not yet confirmed on the GPU)
+    eager = dict(attn_implementation="eager")
+    truth_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, **eager).cuda().eval()
+    hf_bf16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, **eager).cuda().eval()
     model, _ = load_model(tmp_path)
     assert model.embed_tokens.weight.dtype == torch.bfloat16
     g = torch.Generator().manual_seed(0)
