@@ -22,7 +22,6 @@ weights) follows fp32 AdamW's loss curve (measured: within 0.004 over 30 steps, 
 1.06), where rounding to nearest falls by 0.32 only (measured: 0.74 behind at step 30).
 """
 import copy
-import importlib.util
 import io
 import json
 import os
@@ -37,6 +36,7 @@ from nanolora.adamw_8bit import BLOCKSIZE, AdamW8bit, adamw_step_reference, code
 from nanolora.nf4 import DYNAMIC_CODE_UNSIGNED, quantize_dynamic_8bit
 from nanolora import full_finetune, load_model, stochastic_rounding
 from nanolora.optim import make_optimizer
+from triton_interpreter import interpreted_copy
 
 CUDA = torch.cuda.is_available()
 # (shape, dtype): whole blocks; a ragged last block; below min_8bit_size (fp32 moments); many blocks
@@ -158,22 +158,10 @@ def test_min_8bit_size_and_state_bytes():
 # ----------------------------------------------------------------------------- the kernel
 @pytest.fixture(scope="module")
 def interpreted():
-    """A copy of nanolora.kernels.adamw_8bit whose kernel runs in the Triton interpreter (as
-    tests/test_nf4_kernel.py does: TRITON_INTERPRET set only for this import)."""
+    """A copy of nanolora.kernels.adamw_8bit whose kernel runs in the Triton interpreter."""
     pytest.importorskip("triton")
     import nanolora.kernels.adamw_8bit as module
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        spec = importlib.util.spec_from_file_location("_adamw_8bit_interpreted", module.__file__)
-        copy_ = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(copy_)
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-    return copy_
+    return interpreted_copy(module)
 
 
 def noise(seed, device):

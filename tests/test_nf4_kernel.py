@@ -1,23 +1,17 @@
 """kernels/nf4_dequant.py against the torch reference nanolora.nf4.dequantize_nf4, bit for bit.
 
-On the CPU the kernel runs in Triton's interpreter. ``TRITON_INTERPRET`` is read when a
-kernel is decorated, not when triton is imported, so instead of setting it for the whole
-pytest process (which would also turn every other test's kernels into interpreted ones on a
-GPU machine) the ``interpreted`` fixture loads a private copy of the kernel module with the
-variable set just for that import. That works whether or not another test imported triton or
-the real module first (the kernel uses only triton builtins, see its comment on tl.join).
+On the CPU the kernel runs in Triton's interpreter, in a private copy of the module
+(tests/triton_interpreter.py; the kernel uses only triton builtins, see its comment on tl.join).
 
 The interpreter's float32 -> bfloat16 cast truncates instead of rounding (measured-here.md),
 so on the CPU we compare fp32 and fp16 outputs; bf16 is compared on the GPU.
 """
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
 from nanolora.nf4 import dequantize_absmax, dequantize_nf4, quantize_nf4
+from triton_interpreter import interpreted_copy
 
 pytest.importorskip("triton")
 import nanolora.kernels.nf4_dequant as nf4_dequant  # noqa: E402
@@ -26,18 +20,7 @@ import nanolora.kernels.nf4_dequant as nf4_dequant  # noqa: E402
 @pytest.fixture(scope="module")
 def interpreted():
     """A copy of nanolora.kernels.nf4_dequant whose kernel runs in the Triton interpreter."""
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        spec = importlib.util.spec_from_file_location("_nf4_dequant_interpreted", nf4_dequant.__file__)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-    return module
+    return interpreted_copy(nf4_dequant)
 
 
 def random_weight(shape, dtype=torch.float32, seed=0, device="cpu"):
