@@ -129,11 +129,10 @@ def test_bf16_parity_on_gpu(tmp_path, family):
     import transformers
     from nanolora import ops
     save_checkpoint(tmp_path, family)
-    # eager: the implementation that surely applies Gemma 2's attention soft-cap (2.0 in this
-    # fixture). With the default one, the GPU machine's transformers 5.17 gave gemma2 an error
-    # of 1.47 for nanolora, kernels on and off alike, where the CPU's 5.24 (eager its only
-    # choice for gemma2) agrees with nanolora to 0.0: a default that drops the cap would do
-    # that (not yet confirmed on the GPU)
+    # eager: transformers 5.17 (the GPU machine's) runs gemma2 with SDPA by default, which drops
+    # the attention soft-cap (2.0 in this fixture): its fp32 logits are 0.68 (relative) from
+    # eager's on the CPU, and here nanolora's error read 1.47, kernels on and off alike.
+    # nanolora equals eager to 0.0 in fp32. 5.24 refuses SDPA for gemma2.
     eager = dict(attn_implementation="eager")
     truth_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, **eager).cuda().eval()
     hf_bf16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, **eager).cuda().eval()
