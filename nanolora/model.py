@@ -174,7 +174,10 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # Built on the meta device and filled from a checkpoint (load.py), so the table gets no
+        # random init: nn.Embedding's normal_ on meta imports torch._dynamo, ~1 s of every start
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         sliding = [cfg.sliding_window is not None and (cfg.layer_types is None or kind == "sliding_attention")
                    for kind in (cfg.layer_types or [None] * cfg.n_layers)]
         self.layers = nn.ModuleList(Block(cfg, sliding[i]) for i in range(cfg.n_layers))

@@ -84,7 +84,9 @@ def rope_inv_freq(head_dim, theta, scaling=None):
     orig/low_freq_factor are slowed down by `factor`, shorter than orig/high_freq_factor
     are kept, and those in between are interpolated linearly in 1/wavelength.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    # on the CPU even inside `torch.device("meta")` (load.py builds the model there): meta ops
+    # run torch's Python references, whose first use imports torch._dynamo (~1 s of every start)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
     scaling = scaling or {}
     if scaling.get("rope_type") == "linear":
         inv_freq = inv_freq / scaling["factor"]

@@ -114,3 +114,15 @@ def test_gpu_load_peak_memory_is_the_model(tmp_path):
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     peak = torch.cuda.max_memory_allocated() - base
     assert peak <= 1.05 * weights, (peak, weights)
+
+
+def test_loading_does_not_import_dynamo(checkpoint):
+    """The model is built on the meta device, where torch runs its Python reference ops, whose
+    first use imports torch._dynamo: ~1 s added to every train.py, chat.py and export.py start.
+    Checked in a fresh process (this one may have imported it already)."""
+    import subprocess
+    import sys
+    code = ("import sys; from nanolora import load_model; load_model(sys.argv[1], device='cpu'); "
+            "print('torch._dynamo' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code, str(checkpoint)], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False", result.stderr[-2000:]
