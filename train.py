@@ -92,6 +92,9 @@ def parse_settings(argv=None):
     cli.check_ranges(parser, s)
     if s.full and s.load_in_4bit:
         parser.error("--full true trains every weight, so they cannot be frozen in 4-bit: drop --load_in_4bit")
+    if s.optim == "adamw_8bit" and s.parallel == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        parser.error("--optim adamw_8bit cannot step FSDP2's shards (its 256-value blocks would straddle them): "
+                     "use --parallel ddp or --optim adamw")
     if not 0 <= s.dropout < 1:
         parser.error(f"--dropout must be in [0, 1), got {s.dropout}")
     s.device = str(cli.parse_device(parser, s.device))

@@ -258,3 +258,15 @@ def test_weights_checksum_costs_little_gpu_memory():
     before = torch.cuda.memory_allocated()
     train.weights_checksum(model)
     assert torch.cuda.max_memory_allocated() - before < 300 * 2**20
+
+
+def test_adamw_8bit_under_fsdp_is_refused_before_loading(monkeypatch, capsys):
+    """Under torchrun (WORLD_SIZE set) the flags are checked before any process group or model."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_settings(["--optim", "adamw_8bit", "--parallel", "fsdp"])
+    assert exit_info.value.code == 2
+    assert "--optim adamw_8bit cannot step FSDP2's shards" in capsys.readouterr().err
+    train.parse_settings(["--optim", "adamw_8bit", "--parallel", "ddp"])  # DDP replicates: fine
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    train.parse_settings(["--optim", "adamw_8bit", "--parallel", "fsdp"])  # one process: no FSDP2
