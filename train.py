@@ -74,13 +74,13 @@ CHOICES = dict(schedule=("linear", "cosine"), parallel=("ddp", "fsdp"), report_t
 def parse_settings(argv=None):
     parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
     for name, default in DEFAULTS.items():
-        kind = {bool: _bool, int: int, float: float}.get(type(default), str)
+        kind = {bool: cli.boolean, int: int, float: float}.get(type(default), str)
         if name == "eval_size":
             kind = _count_or_fraction
         if name == "grad_checkpointing":
             kind = _checkpointing
         if name == "load_in_4bit":
-            kind = cli.load_in_4bit
+            kind = _load_in_4bit
         parser.add_argument(f"--{name}", type=kind, default=default, choices=CHOICES.get(name),
                             metavar=type(default).__name__.upper() if name not in CHOICES else None,
                             help=f"default: {default}")
@@ -101,16 +101,12 @@ def parse_settings(argv=None):
     return s
 
 
-def _bool(text):
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def _checkpointing(text):
-    return text.lower() if text.lower() in ("offload", "auto") else _bool(text)
+    return cli.boolean(text, "offload", "auto")
+
+
+def _load_in_4bit(text):
+    return cli.boolean(text, "dynamic")  # dynamic: see nanolora/dynamic_4bit.py
 
 
 def _count_or_fraction(text):

@@ -54,14 +54,18 @@ def check_ranges(parser, settings):
             parser.error(f"--{name} must be {expected}, got {value}")
 
 
-def load_in_4bit(text):
-    """--load_in_4bit: true (every projection NF4), false, or dynamic (see dynamic_4bit.py)."""
+def boolean(text, *words):
+    """A flag's value: true or false (also 1/0, yes/no, on/off), or one of `words` (e.g.
+    --load_in_4bit dynamic, --grad_checkpointing offload), returned as written in lower case."""
     value = text.lower()
-    if value == "dynamic":
-        return "dynamic"
-    if value in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        return value in ("1", "true", "yes", "on")
-    raise argparse.ArgumentTypeError(f"expected true, false or dynamic, got {text!r}")
+    if value in words:
+        return value
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    options = ["true", "false", *words]
+    raise argparse.ArgumentTypeError(f"expected {', '.join(options[:-1])} or {options[-1]}, got {text!r}")
 
 
 def parse_device(parser, text):
