@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from nanolora import cli, distributed, full_finetune, load_model
+from nanolora import cli, cuda_graphs, distributed, full_finetune, load_model
 from nanolora.cpu_threads import CPUThreads
 from nanolora.data import IGNORE, Batches, load_examples, pad_token_id, split_eval
 from nanolora.default_model import DEFAULT_MODEL, resolve_model
@@ -57,6 +57,7 @@ DEFAULTS = dict(
     optim="adamw",              # adamw (fp32 state: 8 bytes/param) | adamw_8bit (blockwise 8-bit: 2.03 bytes/param)
     seed=1337,
     grad_checkpointing="auto",  # false | true | offload (experimental: inputs wait in CPU memory) | auto
+    cuda_graphs="auto",         # replay each micro-step as a CUDA graph (nanolora/cuda_graphs.py); auto: when --pack
     eval_size=24,               # held-out examples (or a fraction, e.g. 0.05)
     eval_every=0,               # steps; 0 = only before and after training
     log_every=5, save_every=15,  # steps; save_every 0 = only the final adapter
@@ -81,6 +82,8 @@ def parse_settings(argv=None):
             kind = _checkpointing
         if name == "load_in_4bit":
             kind = _load_in_4bit
+        if name == "cuda_graphs":
+            kind = _auto_or_boolean
         parser.add_argument(f"--{name}", type=kind, default=default, choices=CHOICES.get(name),
                             metavar=type(default).__name__.upper() if name not in CHOICES else None,
                             help=f"default: {default}")
@@ -103,6 +106,10 @@ def parse_settings(argv=None):
 
 def _checkpointing(text):
     return cli.boolean(text, "offload", "auto")
+
+
+def _auto_or_boolean(text):
+    return cli.boolean(text, "auto")
 
 
 def _load_in_4bit(text):
@@ -130,7 +137,7 @@ def count_labels(micro_batches) -> int:
     return sum(int((mb["labels"] != IGNORE).sum()) for mb in micro_batches)
 
 
-def accumulate_gradients(model, micro_batches, n_label_tokens, device, autocast, scaler):
+def accumulate_gradients(model, micro_batches, n_label_tokens, device, autocast, scaler, graphed=None):
     """Backward over this rank's micro-batches of one accumulation window; returns this rank's
     summed loss (a tensor on the device).
 
@@ -140,9 +147,13 @@ def accumulate_gradients(model, micro_batches, n_label_tokens, device, autocast,
     means) weighs a token in a short micro-batch more than one in a long micro-batch. Under
     torchrun the loss is also multiplied by the world size, because DDP and FSDP2 average the
     ranks' gradients, which they reduce only in the last micro-batch's backward.
+    `graphed`: the same micro-step, replayed as a CUDA graph (nanolora/cuda_graphs.py).
     """
     loss_sum = torch.zeros((), device=device)
     for i, mb in enumerate(micro_batches):
+        if graphed:
+            loss_sum += graphed(to_device(mb, device), distributed.world_size() / n_label_tokens)
+            continue
         with distributed.gradient_sync(model, enabled=i == len(micro_batches) - 1):
             with autocast:
                 mb_loss = model(**to_device(mb, device))
@@ -251,6 +262,12 @@ def main(argv=None):
     optimizer = full_finetune.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, seed=s.seed) if s.full and s.optim == "adamw" \
         else make_optimizer(params, s.optim, s.lr, s.weight_decay, device, seed=s.seed)
 
+    # auto: only packed rows, nearly full already, are padded to a graph's length for free
+    graphs_off = cuda_graphs.why_not(model, device, world_size=world, full=s.full, checkpointing=model.grad_checkpointing) \
+        if s.cuda_graphs is True or (s.cuda_graphs == "auto" and s.pack) else f"--cuda_graphs {s.cuda_graphs}, --pack {s.pack}"
+    graphed = None if graphs_off else cuda_graphs.GraphedMicroSteps(model, params, amp_dtype, scaler)
+    print("CUDA graphs: " + ("on" if graphed else f"off ({graphs_off})"))
+
     def lr_factor(step):
         if step < s.warmup_steps:
             return (step + 1) / (s.warmup_steps + 1)
@@ -283,7 +300,7 @@ def main(argv=None):
         # Every rank holds the whole window, so it counts its label tokens without communicating.
         micro_batches = [next(stream) for _ in range(s.grad_accum * world)]
         n_label = count_labels(micro_batches)
-        loss_sum = accumulate_gradients(train_model, micro_batches[rank::world], n_label, device, autocast, scaler)
+        loss_sum = accumulate_gradients(train_model, micro_batches[rank::world], n_label, device, autocast, scaler, graphed)
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
         scaler.step(optimizer)

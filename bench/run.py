@@ -5,7 +5,8 @@
 
 A config is model:weights:batchxseq (model 8b = Llama-3-8B shapes, 1b = Llama-3.2-1B shapes).
 System `nanolora-ref` is nanolora with NANOLORA_KERNELS=0 (the torch references, no fused
-kernels), so one table shows what the kernels buy; `nanolora-offload` offloads the checkpointed
+kernels, no CUDA graphs), so one table shows what the kernels buy; `nanolora-eager` is nanolora
+without CUDA graphs (--cuda_graphs false: every kernel launched from Python); `nanolora-offload` offloads the checkpointed
 block inputs to CPU memory instead of keeping them on the GPU (--grad_checkpointing offload).
 HF is skipped from 32k tokens on (it needs ~61 GiB and minutes per step there; PEERS.md has
 its number).
@@ -27,6 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 NAMES = {"nanolora": "nanolora", "nanolora-ref": "nanolora, NANOLORA_KERNELS=0",
          "nanolora-offload": "nanolora, --grad_checkpointing offload",
+         "nanolora-eager": "nanolora, --cuda_graphs false",
          "hf": "HF transformers + PEFT (+ bnb)", "unsloth": "Unsloth"}
 CHECKPOINTS = {"8b": ("/tmp/llama8b", "llama3-8b"), "1b": ("/tmp/llama1b", "llama3.2-1b")}
 DEFAULT_CONFIGS = "8b:nf4:2x2048,8b:bf16:2x2048,8b:nf4:1x8192,1b:nf4:4x2048,8b:nf4:1x32768"
@@ -35,7 +37,7 @@ DEFAULT_CONFIGS = "8b:nf4:2x2048,8b:bf16:2x2048,8b:nf4:1x8192,1b:nf4:4x2048,8b:n
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--configs", default=DEFAULT_CONFIGS)
-    parser.add_argument("--systems", default="nanolora,nanolora-ref,hf,unsloth")
+    parser.add_argument("--systems", default="nanolora,nanolora-eager,nanolora-ref,hf,unsloth")
     parser.add_argument("--jsonl", default=None, help="also append every result here")
     parser.add_argument("--table", nargs="+", metavar="JSONL", help="only print the table of results saved by --jsonl")
     args = parser.parse_args()
@@ -55,6 +57,7 @@ def main():
             cmd += ["--nf4"] if weights == "nf4" else []
             if system.startswith("nanolora"):
                 cmd += ["--checkpointing", "offload" if system == "nanolora-offload" else "true"]
+                cmd += ["--graphs", "false"] if system in ("nanolora-eager", "nanolora-ref") else []
             run = subprocess.run(cmd, capture_output=True, text=True, env=env)
             lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
             if run.returncode or not lines:
@@ -70,22 +73,24 @@ def main():
                 with open(args.jsonl, "a") as f:
                     f.write(json.dumps(results[-1]) + "\n")
 
-    print("\n| system | model | base weights | batch x seq | tokens/s | peak GiB | speed vs HF | speed vs Unsloth | memory vs HF | memory vs Unsloth |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| system | model | base weights | batch x seq | tokens/s | peak GiB | reserved GiB | speed vs HF | speed vs Unsloth | memory vs HF | memory vs Unsloth |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         same = {p["system"]: p for p in results
                 if (p["model"], p["weights"], p["batch"], p["seq"]) == (r["model"], r["weights"], r["batch"], r["seq"])
                 and "error" not in p}
         row = f"| {NAMES[r['system']]} | {r['model']} | {r['weights']} | {r['batch']} x {r['seq']} |"
         if "error" in r:
-            print(row + f" failed: {r['error'][:60]} | | | | | |")
+            print(row + f" failed: {r['error'][:60]} | | | | | | |")
             continue
         ratios = []
         for key in ("tokens_per_s", "peak_gib"):
             for peer in ("hf", "unsloth"):
                 ok = r["system"].startswith("nanolora") and peer in same
                 ratios.append(f"{r[key] / same[peer][key]:.2f}x" if ok else "")
-        print(row + f" {r['tokens_per_s']:,.0f} | {r['peak_gib']:.2f} | " + " | ".join(ratios) + " |")
+        reserved = r.get("peak_reserved_gib")
+        print(row + f" {r['tokens_per_s']:,.0f} | {r['peak_gib']:.2f} | {'' if reserved is None else f'{reserved:.2f}'} | "
+              + " | ".join(ratios) + " |")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def nanolora_setup(path, args):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from nanolora import full_finetune, load_model
+    from nanolora import cuda_graphs, full_finetune, load_model
     from nanolora.lora import attach_lora, lora_parameters
     from nanolora.optim import make_optimizer
     from train import accumulate_gradients, count_labels
@@ -54,11 +54,14 @@ def nanolora_setup(path, args):
         optimizer = make_optimizer(params, args.optim, args.lr, 0.0, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
     no_scaling = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling
+    graphs_off = cuda_graphs.why_not(model, device, full=args.full, checkpointing=model.grad_checkpointing)
+    graphed = cuda_graphs.GraphedMicroSteps(model, params, torch.bfloat16, no_scaling) \
+        if args.graphs == "true" and not graphs_off else None  # as train.py decides
 
     def step(ids):
         batch = {"input_ids": ids, "labels": ids, "attention_mask": None, "position_ids": None, "segment_ids": None}
         n = count_labels([batch])
-        loss_sum = accumulate_gradients(model, [batch], n, device, autocast, no_scaling)
+        loss_sum = accumulate_gradients(model, [batch], n, device, autocast, no_scaling, graphed)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -135,6 +138,8 @@ def main():
     parser.add_argument("--checkpointing", choices=["true", "offload"],
                         default=os.environ.get("NANOLORA_BENCH_CHECKPOINTING", "true"),
                         help="nanolora's gradient checkpointing (Unsloth offloads, HF keeps inputs on the GPU)")
+    parser.add_argument("--graphs", choices=["true", "false"], default="true",
+                        help="nanolora's --cuda_graphs (on by default, as in train.py)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--print_loss_every", type=int, default=0)
@@ -179,6 +184,8 @@ def measure(args):
             print(f"step {i}: loss {losses[-1]}", flush=True)
     median = statistics.median(times)
     return dict(tokens_per_s=args.batch * args.seq / median, step_s=median, peak_gib=peak_gib(args.device),
+                # what the process holds from the GPU at most: a CUDA graph's pool is reserved, not allocated, between replays
+                peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if args.device == "cuda" else None,
                 load_s=load_s, loaded_gib=loaded_gib, load_peak_gib=load_peak_gib,
                 optimizer_state_gib=state_gib(optimizer), losses=losses)
 

@@ -184,6 +184,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.grad_checkpointing = False
+        # a checkpoint's recompute replays the forward's RNG state (LoRA dropout); a CUDA graph
+        # capture turns this off (nanolora/cuda_graphs.py): torch cannot read that state then
+        self.preserve_rng_state = True
         self.compute_rope()
 
     def compute_rope(self, device=None):
@@ -235,7 +238,8 @@ class Transformer(nn.Module):
             if checkpointed:  # keep only the block's input (on the GPU, or offloaded to CPU memory)
                 with offloader.hooks(x) if offloader else nullcontext():
                     x = checkpoint(block, x, layer_cos, layer_sin, mask, layer_cache, cache_start,
-                                   use_reentrant=False, context_fn=ops.checkpoint_contexts)
+                                   use_reentrant=False, context_fn=ops.checkpoint_contexts,
+                                   preserve_rng_state=self.preserve_rng_state)
             else:
                 x = block(x, layer_cos, layer_sin, mask, layer_cache, cache_start)
         return self.norm(x)

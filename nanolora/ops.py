@@ -264,6 +264,15 @@ def lora_weights_cast(layer, dtype):
     return cached[1], cached[2]
 
 
+def forget_lora_casts(model):
+    """Drop every layer's cached LoRA casts (lora_weights_cast, lora_A_stacked), so that the
+    next forward makes them afresh. nanolora/cuda_graphs.py does so around a capture: there the
+    casts must be recorded into the graph, and must not outlive it in the cache."""
+    for module in model.modules():
+        for name in ("_lora_cast", "_lora_A_stacked"):
+            module.__dict__.pop(name, None)
+
+
 def _fused_projections(x, layers):
     """(Projection states, compute dtype) when every layer is fusable, else None (then the
     reference runs)."""
