@@ -15,7 +15,8 @@ take over). Around each block's call we install hooks that
   stream, and keep no reference to the GPU tensor: once the forward moves on, its memory is
   free (record_stream keeps the allocator from reusing it before the copy is done);
 - unpack (when the block is recomputed, in backward): wait on the device for this input's
-  copy back, and start copying the previous block's input back on the side stream, so it
+  copy back, hand it over without keeping a reference (so it is freed after this block's
+  backward), and start copying the previous block's input back on the side stream, so it
   arrives while this block is recomputed and differentiated.
 
 No host-device synchronisation anywhere: the streams wait on each other on the device. On a
@@ -28,7 +29,7 @@ MODES = (False, True, "offload")
 
 
 class _OffloadedInput:
-    """One block input: in pinned host memory, or on its way back to the GPU."""
+    """One block input: in pinned host memory, and on its way back to the GPU once prefetched."""
 
     def __init__(self, tensor, stream):
         self.stream, self.device = stream, tensor.device
@@ -38,10 +39,11 @@ class _OffloadedInput:
             self.host.copy_(tensor.detach(), non_blocking=True)
         tensor.record_stream(stream)
         self.gpu = self.ready = None
+        self.fetched = 0
 
     def prefetch(self):
-        """Start the copy back on the side stream (once)."""
-        if self.gpu is not None or self.host is None:
+        """Start the copy back on the side stream (unless one is on its way)."""
+        if self.gpu is not None:
             return
         # the memory it lands in may have been freed by kernels still queued on the compute stream
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -51,16 +53,18 @@ class _OffloadedInput:
             self.ready.record(self.stream)
 
     def fetch(self):
-        """The tensor on the GPU, usable on the compute stream. It stays referenced here until
-        autograd drops the saved tensor that holds this object, after the block's backward."""
-        if self.host is None:
-            return self.gpu
+        """The tensor on the GPU, usable on the compute stream. It is handed over, not kept:
+        once the block's recompute and backward are done nothing holds it, so at most the
+        block being differentiated and the one prefetched have their inputs on the GPU (kept
+        here, every fetched input would be back by the end of the backward, and the peak
+        with them)."""
         self.prefetch()
         compute = torch.cuda.current_stream(self.device)
         compute.wait_event(self.ready)
         self.gpu.record_stream(compute)  # allocated on the side stream, used and freed on this one
-        self.host = None
-        return self.gpu
+        tensor, self.gpu = self.gpu, None
+        self.fetched += 1
+        return tensor
 
 
 class BlockInputOffloader:

@@ -124,7 +124,8 @@ def test_offload_hooks_on_cpu_with_streams_stubbed(model_and_batch, monkeypatch)
     torch.manual_seed(3)
     offload = lora_grads(model, ids, labels, "offload")
     assert len(offloaders) == 1 and len(offloaders[0].inputs) == len(model.layers)
-    assert all(o.host is None and o.gpu is not None for o in offloaders[0].inputs)  # all brought back
+    assert all(o.fetched == 1 for o in offloaders[0].inputs)  # each brought back once
+    assert all(o.gpu is None for o in offloaders[0].inputs)  # and not kept: autograd had the only reference
     assert torch.equal(plain[0], offload[0])
     assert all(torch.equal(a, b) for a, b in zip(plain[1], offload[1]))
 
@@ -150,18 +151,19 @@ def test_offload_equals_true_on_gpu_and_saves_memory(tmp_path, nf4):
     # the second `true` run's peak: the first one's includes one-time workspaces
     (loss_t2, grads_t2, _), (loss_o, grads_o, peak_o), (loss_t, grads_t, peak_t) = results
 
-    def worst(a, b):
-        return max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b))
+    def worst(a, b):  # relative to each tensor's largest gradient
+        return max(((x.float() - y.float()).abs().max() / y.float().abs().max()).item() for x, y in zip(a, b))
     # bit-equal when the GPU's kernels are deterministic; otherwise within the noise between two
-    # runs of the same mode (cuDNN's attention backward may accumulate in a varying order)
+    # runs (cuDNN's attention backward may accumulate in a varying order: one H200 run read 0
+    # between two `true` runs and 2 in absolute terms against offload, so a floor of 1% of the
+    # largest gradient; wrong or stale inputs move the gradients by their own size)
     noise = worst(grads_t, grads_t2)
     print(f"offload vs true: loss {loss_o.item()} vs {loss_t.item()}, grads {worst(grads_o, grads_t):.3g} "
           f"(true vs true {noise:.3g}); peak {peak_o / 2**20:.1f} vs {peak_t / 2**20:.1f} MiB")
     assert abs(loss_t.item() - loss_o.item()) <= abs(loss_t.item() - loss_t2.item()) + 1e-6 * abs(loss_t.item())
-    assert worst(grads_o, grads_t) <= 2 * noise + 1e-7
-    inputs = 8 * ids.numel() * 256 * 2  # 8 blocks' inputs in bf16
-    if peak_o >= peak_t - 0.25 * inputs:
-        # measured on an H200 (torch 2.11): no lower than `true` (e.g. NF4 94.9 vs 95.7 MiB), and at
-        # 8B shapes no leaner either, although the CPU test above shows the inputs are let go
-        # (issue 9 stays open)
-        pytest.xfail(f"offload did not lower the peak: {peak_o / 2**20:.1f} vs {peak_t / 2**20:.1f} MiB")
+    assert worst(grads_o, grads_t) <= 2 * noise + 1e-2
+    # 8 blocks' inputs in bf16; offload keeps at most two on the GPU (the block differentiated,
+    # the one prefetched). Before fetched inputs were handed over instead of kept, the peak was
+    # no lower (NF4 94.9 vs 95.7 MiB): they were all back on the GPU by the end of the backward
+    inputs = 8 * ids.numel() * 256 * 2
+    assert peak_o <= peak_t - 0.5 * inputs

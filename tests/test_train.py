@@ -228,6 +228,27 @@ def test_training_on_gpu(checkpoint, tmp_path, monkeypatch, has_bf16):
     assert sum(r["loss"] for r in records[-3:]) < sum(r["loss"] for r in records[:3])
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_with_cuda_graphs(checkpoint, tmp_path, capsys):
+    """--pack true turns the graphs on by themselves; the run's losses follow --cuda_graphs false's
+    (not bit for bit: the graphed batches are padded to a bucket length, which changes the GEMM
+    shapes and so their bf16 rounding)."""
+    losses = {}
+    for graphs in ("auto", "false"):
+        run(checkpoint, tmp_path / graphs, "--max_steps", "12", "--lr", "3e-3", "--dropout", "0", "--pack", "true",
+            "--cuda_graphs", graphs, "--grad_accum", "2")
+        printed = capsys.readouterr().out
+        assert ("CUDA graphs: on" in printed) == (graphs == "auto"), printed
+        records = [json.loads(line) for line in (tmp_path / graphs / "metrics.jsonl").read_text().splitlines()]
+        losses[graphs] = [r["loss"] for r in records if "loss" in r]
+    print(losses)
+    assert len(losses["auto"]) == len(losses["false"]) == 12
+    assert sum(losses["auto"][-3:]) < sum(losses["auto"][:3])
+    for a, b in zip(losses["auto"], losses["false"]):
+        assert a == pytest.approx(b, rel=0.03)
+
+
 def test_weights_checksum_sees_any_change_to_a_frozen_weight():
     """The fingerprint train.py prints: equal to a plain float64 sum and sum of squares over the
     frozen tensors (across the slices it sums), blind to LoRA, and moved by a one-ulp change."""
