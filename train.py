@@ -263,7 +263,7 @@ def main(argv=None):
         else make_optimizer(params, s.optim, s.lr, s.weight_decay, device, seed=s.seed)
 
     # auto: only packed rows, nearly full already, are padded to a graph's length for free
-    graphs_off = cuda_graphs.why_not(model, device, world_size=world, full=s.full, checkpointing=model.grad_checkpointing) \
+    graphs_off = cuda_graphs.why_not(model, device, world_size=world, full=s.full) \
         if s.cuda_graphs is True or (s.cuda_graphs == "auto" and s.pack) else f"--cuda_graphs {s.cuda_graphs}, --pack {s.pack}"
     graphed = None if graphs_off else cuda_graphs.GraphedMicroSteps(model, params, amp_dtype, scaler)
     print("CUDA graphs: " + ("on" if graphed else f"off ({graphs_off})"))

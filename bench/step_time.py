@@ -54,7 +54,7 @@ def nanolora_setup(path, args):
         optimizer = make_optimizer(params, args.optim, args.lr, 0.0, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
     no_scaling = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling
-    graphs_off = cuda_graphs.why_not(model, device, full=args.full, checkpointing=model.grad_checkpointing)
+    graphs_off = cuda_graphs.why_not(model, device, full=args.full)
     graphed = cuda_graphs.GraphedMicroSteps(model, params, torch.bfloat16, no_scaling) \
         if args.graphs == "true" and not graphs_off else None  # as train.py decides
 

@@ -11,16 +11,21 @@ saved-tensor hooks active around the checkpoint call (inside the block, checkpoi
 take over). Around each block's call we install hooks that
 
 - pack: for the block's input only (cos/sin and the mask are shared by all blocks and stay),
-  start a copy to pinned host memory on a side stream that first waits for the compute
-  stream, and keep no reference to the GPU tensor: once the forward moves on, its memory is
-  free (record_stream keeps the allocator from reusing it before the copy is done);
-- unpack (when the block is recomputed, in backward): wait on the device for this input's
-  copy back, hand it over without keeping a reference (so it is freed after this block's
-  backward), and start copying the previous block's input back on the side stream, so it
-  arrives while this block is recomputed and differentiated.
+  copy it on a side stream, once the compute stream has made it, into a pinned host buffer
+  kept for that block from step to step. The GPU tensor is let go at the next block's pack,
+  after the compute stream waits for the copy (it had a whole block's forward to finish);
+- unpack (when the block is recomputed, in backward): copy the input back into memory taken
+  from the compute stream's pool (where the inputs it gave up went), wait on the device for
+  it, hand it over without keeping a reference (it is freed after this block's backward), and
+  start bringing the previous block's input back, so it arrives while this block is
+  recomputed and differentiated.
 
-No host-device synchronisation anywhere: the streams wait on each other on the device. On a
-CPU there is nothing to offload to; `offload` then keeps the inputs where they are.
+So at most three block inputs are on the GPU at a time. No host-device synchronisation: the
+streams wait on each other on the device, and nothing waits on a host-side event. That, the
+buffers kept from step to step and no record_stream (the allocator defers frees of recorded
+blocks while a CUDA graph is captured, which would keep every input) is also what lets a step
+with offloading be captured in a CUDA graph (nanolora/cuda_graphs.py). On a CPU there is
+nothing to offload to; `offload` then keeps the inputs where they are.
 """
 import torch
 from torch.autograd.graph import saved_tensors_hooks
@@ -28,51 +33,80 @@ from torch.autograd.graph import saved_tensors_hooks
 MODES = (False, True, "offload")
 
 
+class _HostSlot:
+    """A block's pinned host buffer and the events of its copies, kept from step to step."""
+
+    def __init__(self, shape, dtype):
+        self.host = torch.empty(shape, dtype=dtype, pin_memory=True)
+        self.copied, self.ready = torch.cuda.Event(), torch.cuda.Event()
+
+
+_slots = {}  # (device, block index, shape, dtype) -> _HostSlot
+_streams = {}  # device -> the side stream the copies run on
+
+
 class _OffloadedInput:
-    """One block input: in pinned host memory, and on its way back to the GPU once prefetched."""
+    """One block input, in its host slot; `gpu` holds it while on its way back."""
 
-    def __init__(self, tensor, stream):
-        self.stream, self.device = stream, tensor.device
-        self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        stream.wait_stream(torch.cuda.current_stream(tensor.device))
-        with torch.cuda.stream(stream):
-            self.host.copy_(tensor.detach(), non_blocking=True)
-        tensor.record_stream(stream)
-        self.gpu = self.ready = None
-        self.fetched = 0
-
-    def prefetch(self):
-        """Start the copy back on the side stream (unless one is on its way)."""
-        if self.gpu is not None:
-            return
-        # the memory it lands in may have been freed by kernels still queued on the compute stream
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
-            self.gpu = self.host.to(self.device, non_blocking=True)
-            self.ready = torch.cuda.Event()
-            self.ready.record(self.stream)
-
-    def fetch(self):
-        """The tensor on the GPU, usable on the compute stream. It is handed over, not kept:
-        once the block's recompute and backward are done nothing holds it, so at most the
-        block being differentiated and the one prefetched have their inputs on the GPU (kept
-        here, every fetched input would be back by the end of the backward, and the peak
-        with them)."""
-        self.prefetch()
-        compute = torch.cuda.current_stream(self.device)
-        compute.wait_event(self.ready)
-        self.gpu.record_stream(compute)  # allocated on the side stream, used and freed on this one
-        tensor, self.gpu = self.gpu, None
-        self.fetched += 1
-        return tensor
+    def __init__(self, slot):
+        self.slot, self.gpu, self.fetched = slot, None, 0
 
 
 class BlockInputOffloader:
     """The offloaded inputs of one forward pass's checkpointed blocks, in forward order."""
 
     def __init__(self, device):
-        self.stream = torch.cuda.Stream(device)
+        self.device = device
+        if device not in _streams:
+            _streams[device] = torch.cuda.Stream(device)
+        self.stream = _streams[device]
         self.inputs = []
+        self.leaving = None  # the last input packed, kept until the compute stream has waited for its copy
+
+    def _let_go(self, compute):
+        if self.leaving is not None:
+            compute.wait_event(self.leaving[1])
+            self.leaving = None
+
+    def _pack(self, tensor):
+        compute = torch.cuda.current_stream(self.device)
+        self._let_go(compute)
+        key = (self.device, len(self.inputs), tuple(tensor.shape), tensor.dtype)
+        if key not in _slots:
+            _slots[key] = _HostSlot(tensor.shape, tensor.dtype)
+        slot = _slots[key]
+        self.stream.wait_stream(compute)
+        with torch.cuda.stream(self.stream):
+            slot.host.copy_(tensor.detach(), non_blocking=True)
+            slot.copied.record(self.stream)
+        self.leaving = (tensor, slot.copied)
+        offloaded = _OffloadedInput(slot)
+        self.inputs.append(offloaded)
+        return offloaded
+
+    def _prefetch(self, offloaded, compute):
+        """Start copying an input back (once), into memory of the compute stream's pool."""
+        if offloaded.gpu is not None:
+            return
+        slot = offloaded.slot
+        offloaded.gpu = torch.empty(slot.host.shape, dtype=slot.host.dtype, device=self.device)
+        self.stream.wait_stream(compute)  # that memory may still be read by queued kernels
+        with torch.cuda.stream(self.stream):
+            offloaded.gpu.copy_(slot.host, non_blocking=True)
+            slot.ready.record(self.stream)
+
+    def _unpack(self, offloaded):
+        compute = torch.cuda.current_stream(self.device)
+        self._let_go(compute)
+        self._prefetch(offloaded, compute)
+        compute.wait_event(offloaded.slot.ready)
+        # handed over, not kept: kept, every input would be back by the end of the backward
+        tensor, offloaded.gpu = offloaded.gpu, None
+        offloaded.fetched += 1
+        index = self.inputs.index(offloaded)
+        if index > 0:  # backward runs the blocks in reverse: the previous one is next
+            self._prefetch(self.inputs[index - 1], compute)
+        return tensor
 
     def hooks(self, block_input):
         """Saved-tensor hooks for the checkpoint call of the block whose input is block_input."""
@@ -83,18 +117,10 @@ class BlockInputOffloader:
         def pack(tensor):
             if tensor.data_ptr() != input_ptr or tensor.shape != input_shape:
                 return tensor
-            offloaded = _OffloadedInput(tensor, self.stream)
-            self.inputs.append(offloaded)
-            return offloaded
+            return self._pack(tensor)
 
         def unpack(packed):
-            if not isinstance(packed, _OffloadedInput):
-                return packed
-            index = self.inputs.index(packed)
-            tensor = packed.fetch()
-            if index > 0:  # backward runs the blocks in reverse: the previous one is next
-                self.inputs[index - 1].prefetch()
-            return tensor
+            return self._unpack(packed) if isinstance(packed, _OffloadedInput) else packed
 
         return saved_tensors_hooks(pack, unpack)
 

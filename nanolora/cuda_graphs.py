@@ -51,7 +51,7 @@ def bucket_length(seq: int) -> int:
     return -(-seq // step) * step
 
 
-def why_not(model, device, *, world_size=1, full=False, checkpointing=True) -> str | None:
+def why_not(model, device, *, world_size=1, full=False) -> str | None:
     """None when the micro-step can be graphed, else the reason in a few words."""
     if device.type != "cuda":
         return "not on CUDA"
@@ -59,8 +59,6 @@ def why_not(model, device, *, world_size=1, full=False, checkpointing=True) -> s
         return "under torchrun"
     if full:
         return "full fine-tuning"
-    if checkpointing == "offload":
-        return "--grad_checkpointing offload"
     if not ops.kernels_enabled():
         return "NANOLORA_KERNELS=0"
     if any(getattr(m, "p", 0.0) > 0 for m in model.modules() if isinstance(m, torch.nn.Dropout)):

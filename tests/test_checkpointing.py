@@ -117,8 +117,11 @@ def test_offload_hooks_on_cpu_with_streams_stubbed(model_and_batch, monkeypatch)
     model.grad_checkpointing = "offload"
     loss = model(ids, None, None, None, labels=labels)
     gc.collect()
-    # the point of offloading: after the forward nothing holds a block's input any more
-    assert block_inputs and not any(ref() is not None for ref in block_inputs)
+    # the point of offloading: after the forward nothing holds a block's input any more, but the
+    # offloader the last one's, until the compute stream has waited for its copy (first unpack)
+    assert len(block_inputs) == len(model.layers)
+    assert not any(ref() is not None for ref in block_inputs[:-1])
+    assert offloaders[-1].leaving[0] is block_inputs[-1]()
     del loss
     offloaders.clear()
     torch.manual_seed(3)
@@ -152,7 +155,9 @@ def test_offload_equals_true_on_gpu_and_saves_memory(tmp_path, nf4):
     (loss_t2, grads_t2, _), (loss_o, grads_o, peak_o), (loss_t, grads_t, peak_t) = results
 
     def worst(a, b):  # relative to each tensor's largest gradient
-        return max(((x.float() - y.float()).abs().max() / y.float().abs().max()).item() for x, y in zip(a, b))
+        # (LoRA A's gradient is exactly zero while B is: 0 / 0 must read 0, not NaN)
+        return max(((x.float() - y.float()).abs().max() / y.float().abs().max().clamp(min=1e-30)).item()
+                   for x, y in zip(a, b))
     # bit-equal when the GPU's kernels are deterministic; otherwise within the noise between two
     # runs (cuDNN's attention backward may accumulate in a varying order: one H200 run read 0
     # between two `true` runs and 2 in absolute terms against offload, so a floor of 1% of the
