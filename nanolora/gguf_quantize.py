@@ -17,7 +17,7 @@ order it does them, so the results are the same floats:
 - sqrtf is taken in double and rounded to float32 (torch's float32 sqrt is not always
   correctly rounded on the CPU);
 - `nearest_int` (add 1.5 * 2^23, keep the low bits) rounds half to even: torch.round. C's
-  `roundf` (Q8_0) rounds halves away from zero: floor(|x| + 0.5) in float64, which is exact.
+  `roundf` (Q8_0) rounds halves away from zero: trunc(x) + trunc(2 * (x - trunc(x))), exact.
 
 On CUDA each op is its own IEEE float32 kernel, so the GPU gives the same bytes (tests/
 test_gguf_quants.py checks CPU against llama.cpp, CUDA against the CPU).
@@ -168,8 +168,11 @@ def _c_to_int(v):
 def _q8_0(x):
     """quantize_row_q8_0_ref: d = max|x| / 127, q = roundf(x / d)."""
     d = x.abs().amax(1) / _const(127.0, x)
-    scaled = (x * _reciprocal_or_zero(d)[:, None]).double()
-    q = _c_to_int(torch.floor(scaled.abs() + 0.5).copysign(scaled)).to(torch.int8)
+    scaled = x * _reciprocal_or_zero(d)[:, None]
+    # roundf in float32: the fraction x - trunc(x) is exact, and trunc(2 * fraction) is +-1
+    # exactly where roundf rounds away from zero. An inf or NaN (a subnormal d) ends as NaN: 0.
+    whole = scaled.trunc()
+    q = scaled.sub_(whole).mul_(2).trunc_().add_(whole).nan_to_num_(0.0, 0.0, 0.0).to(torch.int8)
     return torch.cat([_f16_bytes(d), q.view(torch.uint8)], 1)
 
 
