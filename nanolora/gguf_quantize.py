@@ -63,7 +63,7 @@ def quantize(values, type_name: str, device=None) -> np.ndarray:
     out = torch.empty((len(blocks), block_bytes), dtype=torch.uint8)
     step = max(1, CHUNK_VALUES.get(device.type, CHUNK_VALUES["cpu"]) // block_values)
     threads = torch.get_num_threads()
-    if device.type == "cpu":  # a multiple of `threads` chunks of equal size: no thread waits for the last
+    if device.type == "cpu" and len(blocks):  # a multiple of `threads` equal chunks: no thread waits for the last
         chunks = -(-len(blocks) // step)
         step = max(1, -(-len(blocks) // (-(-chunks // threads) * threads)))
 
