@@ -17,7 +17,7 @@ order it does them, so the results are the same floats:
 - sqrtf is taken in double and rounded to float32 (torch's float32 sqrt is not always
   correctly rounded on the CPU);
 - `nearest_int` (add 1.5 * 2^23, keep the low bits) rounds half to even: torch.round. C's
-  `roundf` (Q8_0) rounds halves away from zero: floor(|x| + 0.5) in float64, which is exact.
+  `roundf` (Q8_0) rounds halves away from zero: trunc(x) + trunc(2 * (x - trunc(x))), exact.
 
 On CUDA each op is its own IEEE float32 kernel, so the GPU gives the same bytes (tests/
 test_gguf_quants.py checks CPU against llama.cpp, CUDA against the CPU).
@@ -35,11 +35,13 @@ GROUP_MAX_EPS = 1e-15  # ggml-quants.c: a group whose largest |x| is below this 
 # subnormal intermediate). Blocks whose largest value is below 2^-100 (no real weight is) are
 # quantized on the CPU instead, far enough above the subnormals for every scale and product.
 TINY_BLOCK = 2.0 ** -100
-# values per chunk. CPU: large enough that torch's per-op overhead (a few us) is paid on
-# thousands of sub-blocks at once, small enough that a chunk's temporaries stay in L3 (Q4_K
-# on one core of a 2 MB-L2 Xeon: 7.0, 8.1, 8.3, 7.7 M values/s at 2^15, 2^16, 2^17, 2^18).
-# CUDA: large, so that each kernel has millions of values to work on.
-CHUNK_VALUES = {"cpu": 1 << 17, "cuda": 1 << 25}
+# values per chunk. CPU: large, because the worker threads' Python and torch dispatch between
+# ops hold the GIL, and on 2 threads they waited on each other more than they computed with
+# cache-sized chunks (quantize() on 2 threads, 2^17 -> 2^20 values: Q4_K 9.2 -> 14.9, Q6_K
+# 15.8 -> 24.7, Q8_0 290 -> 450 M values/s; a chunk's temporaries then live in L3, not L2).
+# A tensor is cut into equal chunks, a multiple of the threads in number. CUDA: large, so that each kernel
+# has millions of values to work on.
+CHUNK_VALUES = {"cpu": 1 << 20, "cuda": 1 << 25}
 
 
 def quantize(values, type_name: str, device=None) -> np.ndarray:
@@ -60,6 +62,10 @@ def quantize(values, type_name: str, device=None) -> np.ndarray:
     blocks = values.reshape(-1, block_values)
     out = torch.empty((len(blocks), block_bytes), dtype=torch.uint8)
     step = max(1, CHUNK_VALUES.get(device.type, CHUNK_VALUES["cpu"]) // block_values)
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and len(blocks):  # a multiple of `threads` equal chunks: no thread waits for the last
+        chunks = -(-len(blocks) // step)
+        step = max(1, -(-len(blocks) // (-(-chunks // threads) * threads)))
 
     def run(start):
         part = blocks[start:start + step].to(device=device, dtype=torch.float32)
@@ -72,7 +78,6 @@ def quantize(values, type_name: str, device=None) -> np.ndarray:
         out[start:start + step] = result
 
     starts = range(0, len(blocks), step)
-    threads = torch.get_num_threads()
     if device.type != "cpu" or len(starts) == 1 or threads == 1:
         for start in starts:
             run(start)
@@ -123,10 +128,20 @@ def _sum_down(a, out=None):
 
 
 def _signed_max(x, dim):
-    """The value of largest magnitude along `dim`: the first on ties, +0.0 when all are zero
-    (the C loops start from max = 0 and replace it only by a strictly larger |x|)."""
-    big = x.gather(dim, x.abs().argmax(dim, keepdim=True)).squeeze(dim)
-    return torch.where(big != 0, big, torch.zeros_like(big))
+    """The value of largest magnitude along `dim` (finite x): the first on ties, +0.0 when all
+    are zero (the C loops start from max = 0 and replace it only by a strictly larger |x|).
+
+    In float arithmetic alone: on the CPU, argmax and comparisons that make bool tensors are
+    not vectorised (argmax took 15% of Q6_K's time). Each value at the largest magnitude gets
+    the key 4 * (size - index) + sign(value), the others 0; the largest key is the first such
+    value, and its remainder mod 4 (1 or 3) its sign."""
+    magnitude = x.abs()
+    top = magnitude.amax(dim, keepdim=True)
+    rank = torch.arange(4 * x.shape[dim], 0, -4, dtype=x.dtype, device=x.device)
+    rank = rank.reshape([-1 if d == dim % x.dim() else 1 for d in range(x.dim())])
+    at_top = magnitude.sub_(top).sign_().add_(1)  # 1 where |x| = top, else 0
+    key = at_top.mul_(x.sign().add_(rank)).amax(dim)
+    return top.squeeze(dim).mul_(key.remainder_(4).sub_(2).neg_())  # +0.0 when all are zero: key % 4 = 0
 
 
 def _pack_nibbles(q):
@@ -158,8 +173,11 @@ def _c_to_int(v):
 def _q8_0(x):
     """quantize_row_q8_0_ref: d = max|x| / 127, q = roundf(x / d)."""
     d = x.abs().amax(1) / _const(127.0, x)
-    scaled = (x * _reciprocal_or_zero(d)[:, None]).double()
-    q = _c_to_int(torch.floor(scaled.abs() + 0.5).copysign(scaled)).to(torch.int8)
+    scaled = x * _reciprocal_or_zero(d)[:, None]
+    # roundf in float32: the fraction x - trunc(x) is exact, and trunc(2 * fraction) is +-1
+    # exactly where roundf rounds away from zero. An inf or NaN (a subnormal d) ends as NaN: 0.
+    whole = scaled.trunc()
+    q = scaled.sub_(whole).mul_(2).trunc_().add_(whole).nan_to_num_(0.0, 0.0, 0.0).to(torch.int8)
     return torch.cat([_f16_bytes(d), q.view(torch.uint8)], 1)
 
 

@@ -20,6 +20,8 @@ In Q4_0/Q4_1/Q5_0/Q5_1, byte j holds value j in its low nibble and value j + 16 
 high one (the fifth bits: bit i of the u32 belongs to value i). The K-quant packings are
 spelled out where they are built and read.
 """
+import warnings
+
 import numpy as np
 import torch
 
@@ -47,7 +49,11 @@ def dequantize(raw: np.ndarray, ggml_type: int) -> np.ndarray:
     if name == "F32":
         return raw.view("<f4").astype(np.float32)
     if name == "F16":  # exact (NaN payloads aside); torch's conversion is vectorised, numpy's 30x slower
-        return torch.from_numpy(raw.view("<f2").copy()).float().numpy()  # copy: torch wants a writable array
+        if not raw.size:  # torch.frombuffer refuses an empty buffer
+            return np.zeros(0, np.float32)
+        with warnings.catch_warnings():  # torch warns that a read-only buffer is read-only; it is only read
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(raw, dtype=torch.float16).float().numpy()  # no copy of the file's bytes first
     if name == "BF16":
         return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
     return _DEQUANTIZERS[name](raw.reshape(-1, block_bytes)).reshape(-1)

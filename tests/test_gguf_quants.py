@@ -4,6 +4,8 @@ Oracles: gguf-py's numpy quantizers where it has them (F16, BF16, Q8_0, Q4_0, Q5
 dequantizers for all; llama.cpp's own quantizers (llama_model_quantize through
 llama-cpp-python) for every type, on a GGUF whose one weight holds the rows below.
 """
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -217,6 +219,33 @@ def test_equal_to_ggml_on_float32_rows(type_name):
     theirs = ggml_quantize(values, type_name)
     differing = [name for name, a, b in zip(names, ours, theirs) if not np.array_equal(a, b)]
     assert not differing, (len(differing), differing[:5])
+
+
+@pytest.mark.parametrize("type_name", ALL_TYPES + ["F16", "BF16"])
+def test_no_rows(type_name):
+    from nanolora.gguf_quants import row_bytes
+    assert quantize(np.zeros((0, 256), np.float32), type_name).shape == (0, row_bytes(type_name, 256))
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("type_name", ALL_TYPES)
+def test_uneven_chunks_equal_to_ggml(type_name):
+    """Rows that do not share out evenly into the threads' chunks (one block; 37 blocks on 2
+    threads: chunks of 19 and 18) keep ggml's bytes."""
+    values = (np.random.default_rng(4).standard_normal((37, 256)) * 0.02).astype(np.float32)
+    with torch_threads(2):
+        assert np.array_equal(quantize(values[:1], type_name), ggml_quantize(values[:1], type_name))
+        assert np.array_equal(quantize(values, type_name), ggml_quantize(values, type_name))
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.gpu
