@@ -4,10 +4,11 @@
     python bench/run.py --configs 8b:nf4:2x2048 --systems nanolora,nanolora-ref,unsloth
 
 A config is model:weights:batchxseq (model 8b = Llama-3-8B shapes, 1b = Llama-3.2-1B shapes).
-System `nanolora-ref` is nanolora with NANOLORA_KERNELS=0 (the torch references, no fused
-kernels, no CUDA graphs), so one table shows what the kernels buy; `nanolora-eager` is nanolora
-without CUDA graphs (--cuda_graphs false: every kernel launched from Python); `nanolora-offload` offloads the checkpointed
-block inputs to CPU memory instead of keeping them on the GPU (--grad_checkpointing offload).
+System `nanolora` runs train.py's defaults for fixed shapes: the micro-step replayed as a CUDA
+graph, the checkpointed block inputs offloaded to CPU memory. `nanolora-keep` keeps those
+inputs on the GPU (--grad_checkpointing true); `nanolora-eager` launches every kernel from
+Python (--cuda_graphs false, inputs kept); `nanolora-ref` is eager with NANOLORA_KERNELS=0 (the
+torch references, no fused kernels), so one table shows what each part buys.
 HF is skipped from 32k tokens on (it needs ~61 GiB and minutes per step there; PEERS.md has
 its number).
 
@@ -27,7 +28,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 NAMES = {"nanolora": "nanolora", "nanolora-ref": "nanolora, NANOLORA_KERNELS=0",
-         "nanolora-offload": "nanolora, --grad_checkpointing offload",
+         "nanolora-keep": "nanolora, --grad_checkpointing true",
          "nanolora-eager": "nanolora, --cuda_graphs false",
          "hf": "HF transformers + PEFT (+ bnb)", "unsloth": "Unsloth"}
 CHECKPOINTS = {"8b": ("/tmp/llama8b", "llama3-8b"), "1b": ("/tmp/llama1b", "llama3.2-1b")}
@@ -37,7 +38,7 @@ DEFAULT_CONFIGS = "8b:nf4:2x2048,8b:bf16:2x2048,8b:nf4:1x8192,1b:nf4:4x2048,8b:n
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--configs", default=DEFAULT_CONFIGS)
-    parser.add_argument("--systems", default="nanolora,nanolora-eager,nanolora-ref,hf,unsloth")
+    parser.add_argument("--systems", default="nanolora,nanolora-keep,nanolora-eager,nanolora-ref,hf,unsloth")
     parser.add_argument("--jsonl", default=None, help="also append every result here")
     parser.add_argument("--table", nargs="+", metavar="JSONL", help="only print the table of results saved by --jsonl")
     args = parser.parse_args()
@@ -56,7 +57,7 @@ def main():
             cmd = [sys.executable, HERE / "step_time.py", system.split("-")[0], checkpoint, "--batch", batch, "--seq", seq]
             cmd += ["--nf4"] if weights == "nf4" else []
             if system.startswith("nanolora"):
-                cmd += ["--checkpointing", "offload" if system == "nanolora-offload" else "true"]
+                cmd += ["--checkpointing", "true"] if system == "nanolora-keep" else []
                 cmd += ["--graphs", "false"] if system in ("nanolora-eager", "nanolora-ref") else []
             run = subprocess.run(cmd, capture_output=True, text=True, env=env)
             lines = [line for line in run.stdout.splitlines() if line.startswith("{")]

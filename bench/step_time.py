@@ -46,7 +46,10 @@ def nanolora_setup(path, args):
     else:
         attach_lora(model, "all", r=16, alpha=16)
         params = lora_parameters(model)
-    model.grad_checkpointing = "offload" if args.checkpointing == "offload" else True
+    graphs_off = cuda_graphs.why_not(model, device, full=args.full) if args.graphs == "true" else "--graphs false"
+    # as train.py's auto: offload when the step is a CUDA graph, else keep the inputs on the GPU
+    auto = "offload" if not graphs_off else True
+    model.grad_checkpointing = {"true": True, "offload": "offload", "auto": auto}[args.checkpointing]
     model.train()
     if args.full and args.optim == "adamw":  # train.py's choice for --full true
         optimizer = full_finetune.AdamW(params, lr=args.lr)
@@ -54,9 +57,7 @@ def nanolora_setup(path, args):
         optimizer = make_optimizer(params, args.optim, args.lr, 0.0, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
     no_scaling = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling
-    graphs_off = cuda_graphs.why_not(model, device, full=args.full)
-    graphed = cuda_graphs.GraphedMicroSteps(model, params, torch.bfloat16, no_scaling) \
-        if args.graphs == "true" and not graphs_off else None  # as train.py decides
+    graphed = None if graphs_off else cuda_graphs.GraphedMicroSteps(model, params, torch.bfloat16, no_scaling)
 
     def step(ids):
         batch = {"input_ids": ids, "labels": ids, "attention_mask": None, "position_ids": None, "segment_ids": None}
@@ -135,8 +136,8 @@ def main():
     parser.add_argument("--nf4", action="store_true")
     parser.add_argument("--full", action="store_true", help="full fine-tuning: every weight trains, no LoRA")
     parser.add_argument("--optim", choices=["adamw", "adamw_8bit"], default="adamw", help="nanolora's --optim")
-    parser.add_argument("--checkpointing", choices=["true", "offload"],
-                        default=os.environ.get("NANOLORA_BENCH_CHECKPOINTING", "true"),
+    parser.add_argument("--checkpointing", choices=["true", "offload", "auto"],
+                        default=os.environ.get("NANOLORA_BENCH_CHECKPOINTING", "auto"),
                         help="nanolora's gradient checkpointing (Unsloth offloads, HF keeps inputs on the GPU)")
     parser.add_argument("--graphs", choices=["true", "false"], default="true",
                         help="nanolora's --cuda_graphs (on by default, as in train.py)")
