@@ -146,6 +146,9 @@ class GraphedMicroSteps:
         try:
             with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
                 static_loss = self._micro_step(static_inputs)
+        except RuntimeError as error:  # an op that syncs with the host, e.g. in a fork's model.py
+            raise RuntimeError(f"capturing the micro-step as a CUDA graph failed ({str(error).splitlines()[0]}); "
+                               "--cuda_graphs false runs it eagerly") from error
         finally:
             ops.forget_lora_casts(self.model)
             self.model.preserve_rng_state = preserve

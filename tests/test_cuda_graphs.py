@@ -41,9 +41,10 @@ def random_batch(g, batch, seq, vocab, padded_rows=0, packed=False):
             "segment_ids": segment_ids}
 
 
-@pytest.mark.parametrize("case", ["causal", "padded", "packed"])
-def test_padding_to_a_bucket_changes_nothing(tmp_path, case):
-    save_checkpoint(tmp_path, "llama")
+@pytest.mark.parametrize("family,case", [("llama", "causal"), ("llama", "padded"), ("llama", "packed"),
+                                         ("gemma2", "causal"), ("gemma2", "padded")])
+def test_padding_to_a_bucket_changes_nothing(tmp_path, family, case):
+    save_checkpoint(tmp_path, family)
     model, _ = load_model(tmp_path, device="cpu", dtype=torch.float32)
     attach_lora(model, "all", r=4, alpha=8)
     g = torch.Generator().manual_seed(1)
@@ -93,9 +94,12 @@ def test_why_graphs_stay_off(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("nf4,checkpointing", [(False, True), (True, True), (True, "offload")],
-                         ids=["bf16", "nf4", "nf4-offload"])
-def test_graphed_steps_train_as_eager_ones(tmp_path, nf4, checkpointing):
+@pytest.mark.parametrize("family,nf4,checkpointing", [
+    ("llama", False, True), ("llama", True, True), ("llama", True, "offload"),
+    # Gemma: soft-capped attention and loss (the references), sliding windows, scaled embeddings
+    ("gemma2", False, True), ("gemma3", True, "offload")],
+    ids=["bf16", "nf4", "nf4-offload", "gemma2-bf16", "gemma3-nf4-offload"])
+def test_graphed_steps_train_as_eager_ones(tmp_path, family, nf4, checkpointing):
     """Four AdamW steps of two micro-batches each (lengths 300 and 200, one batch with
     padding): the graphed run's losses and LoRA weights are the eager run's, given the eager
     run the same bucket-padded batches (padding changes the GEMM shapes, hence their bf16
@@ -103,7 +107,8 @@ def test_graphed_steps_train_as_eager_ones(tmp_path, nf4, checkpointing):
     full step: measured 0.14 of the largest weight against unpadded eager, bf16). A large
     learning rate makes a stale LoRA cast in a replay (the optimizer changed A and B since the
     capture) show up at once."""
-    save_checkpoint(tmp_path, "llama", num_hidden_layers=4, hidden_size=256, intermediate_size=512)
+    shape = dict(num_hidden_layers=4, hidden_size=256, intermediate_size=512) if family == "llama" else {}
+    save_checkpoint(tmp_path, family, **shape)
     g = torch.Generator().manual_seed(0)
     vocab = 512
     windows = [[random_batch(g, 2, 300, vocab), random_batch(g, 2, 200, vocab, padded_rows=1)] for _ in range(4)]
