@@ -33,8 +33,9 @@ def fit_line(points):
 
 
 def longest_context(intercept, slope, budget_gib):
-    """Tokens at which the fitted line reaches budget_gib (None if memory does not grow)."""
-    return None if slope <= 0 else int((budget_gib - intercept) / slope)
+    """Tokens at which the fitted line reaches budget_gib, to the nearest token (None if
+    memory does not grow)."""
+    return None if slope <= 0 else round((budget_gib - intercept) / slope)
 
 
 def slope_rows(results):
