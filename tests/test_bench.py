@@ -263,3 +263,19 @@ def test_no_slope_table_without_two_long_contexts(tmp_path):
     jsonl.write_text(json.dumps(result("nanolora", 32768, 21.5)) + "\n" + json.dumps(result("nanolora", 8192, 9.0)) + "\n")
     run = subprocess.run([sys.executable, BENCH / "run.py", "--table", jsonl], capture_output=True, text=True)
     assert run.returncode == 0 and "Long context" not in run.stdout and "| 1 x 32768 |" in run.stdout
+
+
+def test_run_slope_end_to_end(checkpoints, tmp_path, monkeypatch, capsys):
+    """run.py --slope through step_time.py and back, on the tiny NF4 checkpoint with short
+    contexts on the CPU (peak_gib is then the process's RSS: the plumbing, not a measurement)."""
+    import run
+    monkeypatch.setitem(run.CHECKPOINTS, "8b", (str(checkpoints[0]), "llama-tiny"))
+    monkeypatch.setattr(run, "SLOPE_CONFIGS", "8b:nf4:1x64,8b:nf4:1x128")
+    monkeypatch.setattr(long_context, "MIN_SEQ", 64)
+    monkeypatch.setattr(sys, "argv", ["run.py", "--slope", "--systems", "nanolora", "--jsonl", str(tmp_path / "r.jsonl")])
+    run.main()
+    out = capsys.readouterr().out
+    saved = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [(r["system"], r["seq"], r["weights"]) for r in saved] == [("nanolora", 64, "nf4"), ("nanolora", 128, "nf4")]
+    assert "| nanolora | 8b | nf4 | 1 x 128 |" in out
+    assert f"| nanolora | 8b | nf4 | 64: {saved[0]['peak_gib']:.2f}, 128: {saved[1]['peak_gib']:.2f} |" in out
