@@ -27,6 +27,8 @@ blocks while a CUDA graph is captured, which would keep every input) is also wha
 with offloading be captured in a CUDA graph (nanolora/cuda_graphs.py). On a CPU there is
 nothing to offload to; `offload` then keeps the inputs where they are.
 """
+import math
+
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
@@ -34,22 +36,41 @@ MODES = (False, True, "offload")
 
 
 class _HostSlot:
-    """A block's pinned host buffer and the events of its copies, kept from step to step."""
+    """A block's pinned host buffer and the events of its copies, kept from step to step.
 
-    def __init__(self, shape, dtype):
-        self.host = torch.empty(shape, dtype=dtype, pin_memory=True)
+    The buffer grows to the largest input seen; inputs use a prefix of it. The old buffer is
+    freed when it grows, unless a CUDA graph captured copies to and from it: that graph's
+    replays still use it, so it is kept (a graph per bucketed shape, cuda_graphs.py). Keyed on
+    shapes instead, unpacked batches of ever new lengths would pin host memory without end.
+    """
+
+    def __init__(self):
+        self.buffer, self.captured, self.kept = None, False, []
         self.copied, self.ready = torch.cuda.Event(), torch.cuda.Event()
 
+    def host(self, shape, dtype):
+        numel = math.prod(shape)
+        if self.buffer is None or self.buffer.numel() < numel or self.buffer.dtype != dtype:
+            if self.captured:
+                self.kept.append(self.buffer)
+            self.buffer, self.captured = torch.empty(numel, dtype=dtype, pin_memory=True), False
+        self.captured = self.captured or _capturing()
+        return self.buffer[:numel].view(shape)
 
-_slots = {}  # (device, block index, shape, dtype) -> _HostSlot
+
+def _capturing():
+    return torch.cuda.is_current_stream_capturing()
+
+
+_slots = {}  # (device, block index) -> _HostSlot
 _streams = {}  # device -> the side stream the copies run on
 
 
 class _OffloadedInput:
-    """One block input, in its host slot; `gpu` holds it while on its way back."""
+    """One block input, in its slot's host buffer (`host`); `gpu` holds it while on its way back."""
 
-    def __init__(self, slot):
-        self.slot, self.gpu, self.fetched = slot, None, 0
+    def __init__(self, slot, host):
+        self.slot, self.host, self.gpu, self.fetched = slot, host, None, 0
 
 
 class BlockInputOffloader:
@@ -71,16 +92,17 @@ class BlockInputOffloader:
     def _pack(self, tensor):
         compute = torch.cuda.current_stream(self.device)
         self._let_go(compute)
-        key = (self.device, len(self.inputs), tuple(tensor.shape), tensor.dtype)
+        key = (self.device, len(self.inputs))
         if key not in _slots:
-            _slots[key] = _HostSlot(tensor.shape, tensor.dtype)
+            _slots[key] = _HostSlot()
         slot = _slots[key]
+        host = slot.host(tensor.shape, tensor.dtype)
         self.stream.wait_stream(compute)
         with torch.cuda.stream(self.stream):
-            slot.host.copy_(tensor.detach(), non_blocking=True)
+            host.copy_(tensor.detach(), non_blocking=True)
             slot.copied.record(self.stream)
         self.leaving = (tensor, slot.copied)
-        offloaded = _OffloadedInput(slot)
+        offloaded = _OffloadedInput(slot, host)
         self.inputs.append(offloaded)
         return offloaded
 
@@ -88,12 +110,12 @@ class BlockInputOffloader:
         """Start copying an input back (once), into memory of the compute stream's pool."""
         if offloaded.gpu is not None:
             return
-        slot = offloaded.slot
-        offloaded.gpu = torch.empty(slot.host.shape, dtype=slot.host.dtype, device=self.device)
+        host = offloaded.host
+        offloaded.gpu = torch.empty(host.shape, dtype=host.dtype, device=self.device)
         self.stream.wait_stream(compute)  # that memory may still be read by queued kernels
         with torch.cuda.stream(self.stream):
-            offloaded.gpu.copy_(slot.host, non_blocking=True)
-            slot.ready.record(self.stream)
+            offloaded.gpu.copy_(host, non_blocking=True)
+            offloaded.slot.ready.record(self.stream)
 
     def _unpack(self, offloaded):
         compute = torch.cuda.current_stream(self.device)

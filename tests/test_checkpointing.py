@@ -76,10 +76,10 @@ def test_offload_degrades_on_cpu_and_rejects_unknown_modes():
         offloader_for("sometimes", torch.device("cpu"))
 
 
-def test_offload_hooks_on_cpu_with_streams_stubbed(model_and_batch, monkeypatch):
-    """The offloader's pack/unpack logic, run on the CPU with CUDA's stream API stubbed out
-    (copies then happen at once): every block input goes to host memory and comes back, and the
-    gradients are those of no checkpointing."""
+@pytest.fixture
+def cuda_streams_stubbed(monkeypatch):
+    """CUDA's stream and event API stubbed out, so the offloader runs on the CPU (its copies
+    then happen at once); the offloader's host slots are fresh for the test."""
     import contextlib
 
     from nanolora import checkpointing
@@ -98,6 +98,17 @@ def test_offload_hooks_on_cpu_with_streams_stubbed(model_and_batch, monkeypatch)
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None, raising=False)
     real_empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: real_empty(*a, **k))
+    monkeypatch.setattr(checkpointing, "_capturing", lambda: False)
+    monkeypatch.setattr(checkpointing, "_slots", {})
+    monkeypatch.setattr(checkpointing, "_streams", {})
+    return checkpointing
+
+
+def test_offload_hooks_on_cpu_with_streams_stubbed(model_and_batch, monkeypatch, cuda_streams_stubbed):
+    """The offloader's pack/unpack logic, run on the CPU with CUDA's stream API stubbed out:
+    every block input goes to host memory and comes back, and the gradients are those of no
+    checkpointing."""
+    checkpointing = cuda_streams_stubbed
     offloaders, block_inputs = [], []
 
     def offloader_for(mode, device):
@@ -131,6 +142,36 @@ def test_offload_hooks_on_cpu_with_streams_stubbed(model_and_batch, monkeypatch)
     assert all(o.gpu is None for o in offloaders[0].inputs)  # and not kept: autograd had the only reference
     assert torch.equal(plain[0], offload[0])
     assert all(torch.equal(a, b) for a, b in zip(plain[1], offload[1]))
+
+
+def test_offload_host_buffers_grow_to_the_longest_input(model_and_batch, monkeypatch, cuda_streams_stubbed):
+    """One pinned buffer per block, grown to the longest input: batches of ever new lengths do
+    not pin ever more host memory. A buffer a CUDA graph captured is kept when it is outgrown
+    (the graph's replays still copy to it); one no graph captured is freed."""
+    checkpointing = cuda_streams_stubbed
+    monkeypatch.setattr(checkpointing, "offloader_for",
+                        lambda mode, device: checkpointing.BlockInputOffloader(device) if mode == "offload" else None)
+    model, ids, labels = model_and_batch
+    hidden, n_blocks = model.config.hidden_size, len(model.layers)
+
+    def step(ids, labels):
+        lora_grads(model, ids, labels, "offload")
+        assert len(checkpointing._slots) == n_blocks
+        return [checkpointing._slots[(torch.device("cpu"), i)] for i in range(n_blocks)]
+
+    for length in [5, 9, 7, 12, 3, 11]:
+        slots = step(ids[:, :length], labels[:, :length])
+    assert all(s.buffer.numel() == 2 * 12 * hidden and not s.kept for s in slots)  # freed as they grew
+    monkeypatch.setattr(checkpointing, "_capturing", lambda: True)  # as if a graph captured this step
+    step(ids[:, :8], labels[:, :8])
+    monkeypatch.setattr(checkpointing, "_capturing", lambda: False)
+    captured = [s.buffer for s in slots]
+    step(ids, labels)  # fits: nothing grows
+    assert all(s.buffer is b and not s.kept for s, b in zip(slots, captured))
+    step(torch.cat([ids, ids[:1]]), torch.cat([labels, labels[:1]]))  # one row more: grows
+    assert all(s.kept == [b] and s.buffer.numel() == 3 * 12 * hidden for s, b in zip(slots, captured))
+    step(ids, labels)  # the new buffer was not captured: outgrowing it would free it
+    assert all(len(s.kept) == 1 and not s.captured for s in slots)
 
 
 @pytest.mark.gpu
