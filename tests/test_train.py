@@ -230,16 +230,20 @@ def test_training_on_gpu(checkpoint, tmp_path, monkeypatch, has_bf16):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_training_with_cuda_graphs(checkpoint, tmp_path, capsys):
-    """--pack true turns the graphs on by themselves; the run's losses follow --cuda_graphs false's
-    (not bit for bit: the graphed batches are padded to a bucket length, which changes the GEMM
-    shapes and so their bf16 rounding)."""
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_training_with_cuda_graphs(checkpoint, tmp_path, capsys, monkeypatch, has_bf16):
+    """--pack true turns the graphs on by themselves (and, with them, offloaded checkpointing);
+    the run's losses follow --cuda_graphs false's (not bit for bit where a batch is padded to a
+    bucket length: that changes the GEMM shapes and so their rounding). Without bf16, fp16
+    with a GradScaler, whose scale the graph reads from its tensor at every replay."""
+    if not has_bf16:
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     losses = {}
     for graphs in ("auto", "false"):
         run(checkpoint, tmp_path / graphs, "--max_steps", "12", "--lr", "3e-3", "--dropout", "0", "--pack", "true",
             "--cuda_graphs", graphs, "--grad_accum", "2")
         printed = capsys.readouterr().out
-        assert ("CUDA graphs: on" in printed) == (graphs == "auto"), printed
+        assert ("CUDA graphs: on; gradient checkpointing: offload" in printed) == (graphs == "auto"), printed
         records = [json.loads(line) for line in (tmp_path / graphs / "metrics.jsonl").read_text().splitlines()]
         losses[graphs] = [r["loss"] for r in records if "loss" in r]
     print(losses)
