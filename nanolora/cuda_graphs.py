@@ -33,6 +33,8 @@ What the capture needs, and why each holds:
   hold every weight's gradient), and the fused kernels on (the references sync nowhere
   either, but are not what this is for).
 """
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -112,6 +114,10 @@ class GraphedMicroSteps:
             torch._foreach_zero_(to_zero)
 
     def __call__(self, batch: dict, loss_factor: float) -> torch.Tensor:
+        with torch.cuda.device(self.device):  # streams, capture and replay on the model's GPU
+            return self._call(batch, loss_factor)
+
+    def _call(self, batch, loss_factor):
         batch = pad_to_bucket(batch)
         key = tuple((k, None if v is None else tuple(v.shape)) for k, v in sorted(batch.items()))
         if self.grads is not None:
@@ -126,6 +132,9 @@ class GraphedMicroSteps:
             return loss.clone()
         inputs = {k: None if v is None else v.to(self.device) for k, v in batch.items()}
         if len(self.graphs) >= MAX_GRAPHS:
+            if not self.eager_shapes:
+                print(f"CUDA graphs: {MAX_GRAPHS} batch shapes captured; new ones run eagerly "
+                      "(--pack true makes rows one length)", file=sys.stderr)
             self.eager_shapes += 1
             return self._micro_step(inputs)
         return self._capture(key, inputs)
@@ -135,8 +144,10 @@ class GraphedMicroSteps:
         with torch.cuda.stream(self.stream):
             loss = self._micro_step(inputs)  # this micro-batch's real work, eagerly
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
-        if self.grads is None:
-            self.grads = [p.grad for p in self.params]
+        if self.grads is None:  # a parameter the step did not reach gets zeros, so the graph adds into it too
+            self.grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+            for p, g in zip(self.params, self.grads):
+                p.grad = g
         static = {k: v.clone() for k, v in inputs.items() if v is not None}
         static_inputs = {k: static.get(k) for k in inputs}
         graph = torch.cuda.CUDAGraph()

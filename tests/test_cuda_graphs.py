@@ -157,3 +157,112 @@ def test_graphed_steps_train_as_eager_ones(tmp_path, family, nf4, checkpointing)
     for a, b, c in zip(graph, eager, eager2):
         assert abs(a - b) <= 2 * abs(b - c) + 1e-4 * abs(b)
     assert worst(graph_params, eager_params) <= 2 * noise + 1e-3
+
+
+@pytest.fixture
+def graphs_emulated(monkeypatch):
+    """CUDA graphs emulated on the CPU, to test GraphedMicroSteps' bookkeeping in CI: a
+    "capture" runs the step but then restores every gradient (a real capture runs nothing),
+    and a replay runs the captured step again on the captured inputs, writing the captured
+    loss tensor (a real replay writes the same memory). Streams and devices are no-ops."""
+    import contextlib
+
+    capturing = []
+    real_micro_step = cuda_graphs.GraphedMicroSteps._micro_step
+
+    class Graph:
+        def replay(self):
+            # a real graph adds into the very .grad tensors that existed at its capture
+            assert all(p.grad is g for p, g in zip(self.owner.params, self.grads)), "gradients replaced"
+            self.loss.copy_(real_micro_step(self.owner, self.inputs))
+
+    @contextlib.contextmanager
+    def graph(g, pool=None, stream=None):
+        owner = capturing_owner[0]
+        saved = [p.grad.clone() for p in owner.params]
+        capturing.append(g)
+        try:
+            yield
+        finally:
+            capturing.pop()
+            for p, s in zip(owner.params, saved):
+                p.grad.copy_(s)
+            g.grads = [p.grad for p in owner.params]
+
+    capturing_owner = [None]
+
+    def micro_step(self, inputs):
+        capturing_owner[0] = self
+        loss = real_micro_step(self, inputs)
+        if capturing:
+            capturing[-1].owner, capturing[-1].inputs, capturing[-1].loss = self, inputs, loss
+        return loss
+
+    class Stream:  # classes, not lambdas: transformers annotates with `torch.cuda.Stream | None`
+        def __init__(self, device=None): pass
+        def wait_stream(self, other): pass
+
+    class Device(contextlib.nullcontext):
+        pass
+
+    monkeypatch.setattr(cuda_graphs.GraphedMicroSteps, "_micro_step", micro_step)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(cuda_graphs, "MAX_GRAPHS", 2)
+
+
+@pytest.fixture
+def tiny_llama(tmp_path):
+    save_checkpoint(tmp_path, "llama")  # before graphs_emulated patches torch.cuda (transformers imports)
+    return tmp_path
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # the wrapper's autocast("cuda") on CPU tensors
+def test_graphed_micro_steps_bookkeeping_on_cpu(tiny_llama, graphs_emulated, capsys):
+    """Three AdamW steps of two micro-batches of three lengths (so one runs eagerly past
+    MAX_GRAPHS = 2), the optimizer setting gradients to None in between: the wrapper's losses
+    and LoRA weights equal a plain loop's on the same bucket-padded batches, bit for bit
+    (fp32, the same ops). Fails if captured inputs are not refreshed, if gradients the optimizer
+    dropped are not restored as zeros, or if a "capture" counted its micro-batch twice."""
+    g = torch.Generator().manual_seed(0)
+    windows = [[random_batch(g, 2, 21, 512), random_batch(g, 2, 70, 512, padded_rows=1)],
+               [random_batch(g, 2, 21, 512), random_batch(g, 2, 150, 512)],
+               [random_batch(g, 2, 70, 512, padded_rows=1), random_batch(g, 2, 150, 512)]]
+    results = []
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        model, _ = load_model(tiny_llama, device="cpu", dtype=torch.float32)
+        attach_lora(model, "all", r=4, alpha=8)
+        model.train()
+        model.grad_checkpointing = True
+        params = lora_parameters(model)
+        optimizer = torch.optim.AdamW(params, lr=1e-2)
+        steps = cuda_graphs.GraphedMicroSteps(model, params, torch.float32, torch.amp.GradScaler("cpu", enabled=False)) \
+            if graphed else None
+        losses = []
+        for window in windows:
+            n = sum(int((mb["labels"] != -100).sum()) for mb in window)
+            total = 0.0
+            for mb in window:
+                if steps:
+                    total += steps(mb, 1.0 / n).item()
+                else:
+                    loss = model(**cuda_graphs.pad_to_bucket(mb))
+                    (loss / n).backward()
+                    total += loss.item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(total / n)
+        results.append((losses, [p.detach().clone() for p in params]))
+        if steps:
+            assert len(steps.graphs) == 2 and steps.eager_shapes == 2  # lengths 64, 128 graphed; 160 eager
+    (eager_losses, eager_params), (graph_losses, graph_params) = results
+    assert graph_losses == eager_losses
+    assert all(torch.equal(a, b) for a, b in zip(graph_params, eager_params))
+    assert capsys.readouterr().err.count("new ones run eagerly") == 1
