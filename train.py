@@ -56,7 +56,7 @@ DEFAULTS = dict(
     lr=1e-3, schedule="cosine", warmup_steps=4, weight_decay=0.0, max_grad_norm=1.0,
     optim="adamw",              # adamw (fp32 state: 8 bytes/param) | adamw_8bit (blockwise 8-bit: 2.03 bytes/param)
     seed=1337,
-    grad_checkpointing="auto",  # false | true | offload (experimental: inputs wait in CPU memory) | auto
+    grad_checkpointing="auto",  # false | true | offload (inputs wait in CPU memory) | auto: offload when graphed
     cuda_graphs="auto",         # replay each micro-step as a CUDA graph (nanolora/cuda_graphs.py); auto: when --pack
     eval_size=24,               # held-out examples (or a fraction, e.g. 0.05)
     eval_every=0,               # steps; 0 = only before and after training
