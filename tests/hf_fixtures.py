@@ -65,6 +65,19 @@ def save_checkpoint(path, family, seed=0, max_shard_size=None, **overrides):
     return model
 
 
+def checkpoint_fixture(family):
+    """A module-scoped pytest fixture: the folder of a tiny random `family` checkpoint, written
+    once per test module (`checkpoint = checkpoint_fixture("qwen2")`)."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def folder(tmp_path_factory):
+        path = tmp_path_factory.mktemp(family)
+        save_checkpoint(path, family)
+        return path
+    return folder
+
+
 def randomize_lora(model, seed=0):
     """Give every LoRA matrix random values (B included), as a trained adapter has."""
     from nanolora.lora import lora_parameters

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from hf_fixtures import save_checkpoint
+from hf_fixtures import checkpoint_fixture
 from nanolora.adamw_8bit import BLOCKSIZE, AdamW8bit, adamw_step_reference, code_tables
 from nanolora.nf4 import DYNAMIC_CODE_UNSIGNED, quantize_dynamic_8bit
 from nanolora import full_finetune, load_model, stochastic_rounding
@@ -345,11 +345,7 @@ def test_make_optimizer():
 
 
 # ----------------------------------------------------------------------------- train.py
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("qwen2")
-    save_checkpoint(path, "qwen2")
-    return path
+checkpoint = checkpoint_fixture("qwen2")
 
 
 def run(checkpoint, out, *flags):

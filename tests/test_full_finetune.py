@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import export
 import train
-from hf_fixtures import save_checkpoint
+from hf_fixtures import checkpoint_fixture
 from nanolora import load_model, ops
 from nanolora.data import Batches, load_examples, pad_token_id
 from nanolora.full_finetune import AdamW, make_trainable, round_stochastically, trainable_parameters
@@ -19,20 +19,10 @@ from nanolora.full_finetune import AdamW, make_trainable, round_stochastically, 
 DATA = train.DEFAULTS["data"]
 
 
-@pytest.fixture(scope="module")
-def tied(tmp_path_factory):
-    """Llama with a tied head: the embedding is also the head, one parameter trained once."""
-    path = tmp_path_factory.mktemp("llama_tied")
-    save_checkpoint(path, "llama_tied")
-    return path
+tied = checkpoint_fixture("llama_tied")  # the embedding is also the head, one parameter trained once
 
 
-@pytest.fixture(scope="module")
-def qwen3(tmp_path_factory):
-    """Untied head, q/k norms (norm weights inside the fused q/k/v op), head_dim != hidden/heads."""
-    path = tmp_path_factory.mktemp("qwen3")
-    save_checkpoint(path, "qwen3")
-    return path
+qwen3 = checkpoint_fixture("qwen3")  # untied head, q/k norms (inside the fused q/k/v op), head_dim != hidden/heads
 
 
 def run(checkpoint, out, *flags):

@@ -5,17 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_fixtures import randomize_lora, save_checkpoint
+from hf_fixtures import checkpoint_fixture, randomize_lora, save_checkpoint
 from nanolora import load_model, ops
 from nanolora.lora import attach_lora, lora_layers, lora_parameters, merge_lora, parse_targets, summary, unmerge_lora
 from nanolora.peft import save_adapter
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama")
-    save_checkpoint(path, "llama")
-    return path
+checkpoint = checkpoint_fixture("llama")
 
 
 def rel_err(a, b):

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from hf_fixtures import save_checkpoint
+from hf_fixtures import checkpoint_fixture
 from nanolora import load_model
 from nanolora.data import Batches, load_examples, pad_token_id
 from nanolora.lora import attach_lora, lora_parameters
@@ -18,11 +18,7 @@ from nanolora.samples import format_samples, generate_samples
 DATA = train.DEFAULTS["data"]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("qwen2")
-    save_checkpoint(path, "qwen2")
-    return path
+checkpoint = checkpoint_fixture("qwen2")
 
 
 def lora_grads_after(model, micro_batches, accumulate):
