@@ -149,16 +149,16 @@ def accumulate_gradients(model, micro_batches, n_label_tokens, device, autocast,
     ranks' gradients, which they reduce only in the last micro-batch's backward.
     `graphed`: the same micro-step, replayed as a CUDA graph (nanolora/cuda_graphs.py).
     """
-    loss_sum = torch.zeros((), device=device)
+    loss_sum, factor = torch.zeros((), device=device), distributed.world_size() / n_label_tokens
     for i, mb in enumerate(micro_batches):
         if graphed:
-            loss_sum += graphed(to_device(mb, device), distributed.world_size() / n_label_tokens)
+            loss_sum += graphed(to_device(mb, device), factor)
             continue
         with distributed.gradient_sync(model, enabled=i == len(micro_batches) - 1):
             with autocast:
                 mb_loss = model(**to_device(mb, device))
             # fp16: scaled, unscaled before clipping (a disabled scaler passes the loss through)
-            scaler.scale(mb_loss * distributed.world_size() / n_label_tokens).backward()
+            scaler.scale(mb_loss * factor).backward()
         loss_sum += mb_loss.detach()
     return loss_sum
 
@@ -349,7 +349,7 @@ def main(argv=None):
         adapter = adapter_state(model)  # every rank: FSDP2's shards are gathered
         if distributed.is_main():
             save_adapter(model, out / "adapter", s.model, adapter)
-    print(f"model saved to {out / 'model'}/ (HF checkpoint)" if s.full else f"adapter saved to {out / 'adapter'}/ (PEFT format)")
+    print(f"model saved to {out / full_finetune.MODEL_FOLDER}/ (HF checkpoint)" if s.full else f"adapter saved to {out / 'adapter'}/ (PEFT format)")
     if eval_batches:
         eval_after = evaluate(model, eval_batches, device, autocast)
         eval_points.append((step, eval_after))

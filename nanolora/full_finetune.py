@@ -85,8 +85,8 @@ class AdamW(torch.optim.Optimizer):
     nanolora/stochastic_rounding.py's, shared with AdamW8bit). For fp32 parameters it is
     torch.optim.AdamW's arithmetic, step for step (tests/test_full_finetune.py compares them).
 
-    The rounding noise of parameter i at step t comes from a generator seeded with
-    (seed, t, i): a resumed run draws the same noise, and DDP's replicas, which hold the same
+    The rounding noise of parameter i of group j at step t comes from a generator seeded with
+    (seed, j, i, t): a resumed run draws the same noise, and DDP's replicas, which hold the same
     weights and averaged gradients, stay identical without communicating.
     """
 
