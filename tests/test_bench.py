@@ -279,3 +279,19 @@ def test_run_slope_end_to_end(checkpoints, tmp_path, monkeypatch, capsys):
     assert [(r["system"], r["seq"], r["weights"]) for r in saved] == [("nanolora", 64, "nf4"), ("nanolora", 128, "nf4")]
     assert "| nanolora | 8b | nf4 | 1 x 128 |" in out
     assert f"| nanolora | 8b | nf4 | 64: {saved[0]['peak_gib']:.2f}, 128: {saved[1]['peak_gib']:.2f} |" in out
+
+
+def test_offload_curve_on_cpu(checkpoints, tmp_path):
+    """bench/offload_curve.py's three train.py runs end to end. On the CPU offload degrades to
+    keeping the inputs, the same arithmetic: the three curves must be bit-equal."""
+    _, bf16 = checkpoints
+    save = tmp_path / "curves.json"
+    run = subprocess.run([sys.executable, BENCH / "offload_curve.py", "--checkpoint", bf16, "--device", "cpu",
+                          "--load_in_4bit", "false", "--steps", "3", "--batch_size", "2", "--seq_len", "128",
+                          "--save", save], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    curves = json.loads(save.read_text())
+    assert sorted(curves) == ["offload", "true", "true again"]
+    assert list(curves["true"]) == ["1", "2", "3"]
+    assert curves["offload"] == curves["true"] == curves["true again"]
+    assert "offload vs true None, true vs true None" in run.stdout
