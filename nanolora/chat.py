@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from nanolora import cli
 from nanolora.default_model import resolve_model
 from nanolora.load import load_model
 
@@ -21,8 +22,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m nanolora.chat", description=__doc__.split("\n")[0])
     parser.add_argument("model", help="HF folder, hub id or .gguf file")
     parser.add_argument("--adapter", help="a PEFT LoRA adapter folder (what train.py writes)")
-    parser.add_argument("--load_in_4bit", default="false", choices=("true", "false", "dynamic"),
-                        help="NF4 base (QLoRA); dynamic: as the adapter's dynamic_4bit.json chose")
+    parser.add_argument("--load_in_4bit", default=False, type=lambda text: cli.boolean(text, "dynamic"),
+                        metavar="{true,false,dynamic}", help="NF4 base (QLoRA); dynamic: as the adapter's dynamic_4bit.json chose")
     parser.add_argument("--system", help="a system prompt, as the conversation's first turn")
     parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     parser.add_argument("--top_p", type=float, default=0.9, help="sample from this much probability mass")
@@ -92,7 +93,7 @@ def main(argv=None, stdin=None, out=None):
     stdin, out = stdin or sys.stdin, out or sys.stdout
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tokenizer = load_model(resolve_model(args.model), device=device, adapter=args.adapter,
-                                  load_in_4bit={"true": True, "false": False}.get(args.load_in_4bit, "dynamic"))
+                                  load_in_4bit=args.load_in_4bit)
     if tokenizer.chat_template is None:
         sys.exit(f"{args.model}: the tokenizer has no chat template, so there is no conversation format to chat in")
     model.eval()

@@ -265,7 +265,7 @@ def read_choice(folder, required=False) -> Dynamic4bitChoice | None:
 def check_choice(model, choice: Dynamic4bitChoice, folder):
     """Every module the choice keeps 16-bit is a projection of `model` (a choice made for
     another model is refused, naming the entry)."""
-    names = {hf_key(name) for name, _ in projection_layers(model)} | {name for name, _ in projection_layers(model)}
+    names = {key for name, _ in projection_layers(model) for key in (name, hf_key(name))}
     for i, kept in enumerate(choice.keep_16bit):
         if kept.module not in names:
             raise ValueError(f"{Path(folder) / CHOICE_FILE}: keep_16bit[{i}].module {kept.module!r} is not a "

@@ -386,7 +386,7 @@ def test_bad_optim_flag(capsys):
     assert "--optim: invalid choice: 'adam8'" in capsys.readouterr().err
 
 
-def test_full_fine_tune_with_adamw_8bit(checkpoint, tmp_path, capsys):
+def test_full_fine_tune_with_adamw_8bit(checkpoint, tmp_path):
     """--full true --optim adamw_8bit: every weight steps with 8-bit moments (the embedding and
     projections; the norms, under 4096 elements, with fp32 ones) and the loss falls."""
     run(checkpoint, tmp_path, "--max_steps", "6", "--save_every", "6", "--full", "true", "--lr", "1e-3")
