@@ -32,3 +32,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def one_cpu_thread(monkeypatch):
+    """torch on one CPU thread for the whole test, whatever the run's thread policy wants."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # cpu_threads.py leaves the count alone
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    yield
+    monkeypatch.undo()
+    torch.set_num_threads(threads)

@@ -65,15 +65,16 @@ def save_checkpoint(path, family, seed=0, max_shard_size=None, **overrides):
     return model
 
 
-def checkpoint_fixture(family):
+def checkpoint_fixture(family, **overrides):
     """A module-scoped pytest fixture: the folder of a tiny random `family` checkpoint, written
-    once per test module (`checkpoint = checkpoint_fixture("qwen2")`)."""
+    once per test module (`checkpoint = checkpoint_fixture("qwen2")`); `overrides` go to
+    save_checkpoint (config fields, e.g. intermediate_size=192)."""
     import pytest
 
     @pytest.fixture(scope="module")
     def folder(tmp_path_factory):
         path = tmp_path_factory.mktemp(family)
-        save_checkpoint(path, family)
+        save_checkpoint(path, family, **overrides)
         return path
     return folder
 

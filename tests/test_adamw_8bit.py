@@ -45,13 +45,10 @@ SHAPES = [((64, 96), torch.float32), ((37, 129), torch.float32), ((1000,), torch
 
 
 @pytest.fixture(autouse=True)
-def one_cpu_thread():
-    """torch on one CPU thread: on this shared 2-core machine, more threads made a step of 200k
-    elements 10x slower (0.19 s instead of 0.02 s), waiting on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_cpu_thread(one_cpu_thread):
+    """torch on one CPU thread (conftest.py): on this shared 2-core machine, more threads made a
+    step of 200k elements 10x slower (0.19 s instead of 0.02 s), waiting on each other; and the
+    train.py runs keep that one thread count throughout (exact resume, see test_train.py)."""
 
 
 def gradients(shapes, steps, seed=0):
@@ -357,11 +354,10 @@ def run(checkpoint, out, *flags):
                        "--optim", "adamw_8bit", *flags])
 
 
-def test_train_with_adamw_8bit_learns_and_resumes_exactly(checkpoint, tmp_path, monkeypatch):
+def test_train_with_adamw_8bit_learns_and_resumes_exactly(checkpoint, tmp_path):
     """The loss falls; 8 steps straight == 4, a checkpoint, then --resume for the other 4; the
-    checkpoint holds 8-bit states; resuming with another --optim is refused."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one thread count for both runs (see test_train.py)
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    checkpoint holds 8-bit states; resuming with another --optim is refused. (One thread count
+    for both runs: the module's autouse one_cpu_thread.)"""
     run(checkpoint, tmp_path / "straight", "--max_steps", "8", "--save_every", "0")
     run(checkpoint, tmp_path / "first", "--max_steps", "8", "--save_every", "4")
     records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]

@@ -6,11 +6,16 @@ eager from the same start."""
 import pytest
 import torch
 
-from hf_fixtures import save_checkpoint
+from hf_fixtures import checkpoint_fixture, save_checkpoint
 from nanolora import cuda_graphs, load_model, ops
 from nanolora.lora import attach_lora, lora_parameters
 
 CUDA = torch.cuda.is_available()
+
+# Written once per module and only read. Module-scoped, so set up before any function-scoped
+# fixture: the checkpoint (transformers imports) is written before graphs_emulated patches torch.cuda.
+llama = checkpoint_fixture("llama")
+gemma2 = checkpoint_fixture("gemma2")
 
 
 def loss_and_grads(model, batch):
@@ -43,9 +48,8 @@ def random_batch(g, batch, seq, vocab, padded_rows=0, packed=False):
 
 @pytest.mark.parametrize("family,case", [("llama", "causal"), ("llama", "padded"), ("llama", "packed"),
                                          ("gemma2", "causal"), ("gemma2", "padded")])
-def test_padding_to_a_bucket_changes_nothing(tmp_path, family, case):
-    save_checkpoint(tmp_path, family)
-    model, _ = load_model(tmp_path, device="cpu", dtype=torch.float32)
+def test_padding_to_a_bucket_changes_nothing(request, family, case):
+    model, _ = load_model(request.getfixturevalue(family), device="cpu", dtype=torch.float32)
     attach_lora(model, "all", r=4, alpha=8)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -76,9 +80,8 @@ def test_bucket_lengths():
         len(set(b for n, b in zip(range(1, 70000), lengths) if 2048 < n <= 4096)) == 4
 
 
-def test_why_graphs_stay_off(tmp_path):
-    save_checkpoint(tmp_path, "llama")
-    model, _ = load_model(tmp_path, device="cpu", dtype=torch.float32)
+def test_why_graphs_stay_off(llama):
+    model, _ = load_model(llama, device="cpu", dtype=torch.float32)
     attach_lora(model, "all", r=4, alpha=8, dropout=0.1)
     cuda = torch.device("cuda")
     assert cuda_graphs.why_not(model, torch.device("cpu")) == "not on CUDA"
@@ -217,14 +220,8 @@ def graphs_emulated(monkeypatch):
     monkeypatch.setattr(cuda_graphs, "MAX_GRAPHS", 2)
 
 
-@pytest.fixture
-def tiny_llama(tmp_path):
-    save_checkpoint(tmp_path, "llama")  # before graphs_emulated patches torch.cuda (transformers imports)
-    return tmp_path
-
-
 @pytest.mark.filterwarnings("ignore:CUDA is not available")  # the wrapper's autocast("cuda") on CPU tensors
-def test_graphed_micro_steps_bookkeeping_on_cpu(tiny_llama, graphs_emulated, capsys):
+def test_graphed_micro_steps_bookkeeping_on_cpu(llama, graphs_emulated, capsys):
     """Three AdamW steps of two micro-batches of three lengths (so one runs eagerly past
     MAX_GRAPHS = 2), the optimizer setting gradients to None in between: the wrapper's losses
     and LoRA weights equal a plain loop's on the same bucket-padded batches, bit for bit
@@ -237,7 +234,7 @@ def test_graphed_micro_steps_bookkeeping_on_cpu(tiny_llama, graphs_emulated, cap
     results = []
     for graphed in (False, True):
         torch.manual_seed(0)
-        model, _ = load_model(tiny_llama, device="cpu", dtype=torch.float32)
+        model, _ = load_model(llama, device="cpu", dtype=torch.float32)
         attach_lora(model, "all", r=4, alpha=8)
         model.train()
         model.grad_checkpointing = True

@@ -166,10 +166,11 @@ def test_two_ranks_full_fine_tune_like_one_process(runs, name):
     assert mean <= MEAN_TOL and most <= MAX_TOL
     for a, b in zip(metrics(runs / name), metrics(runs / "one_full"), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=RTOL) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=RTOL)
-    straight, resumed = full_model(runs / "fsdp_full"), full_model(runs / "fsdp_full_resumed")
-    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-    before = load_file(runs / "model" / "model.safetensors")
-    assert all(not torch.equal(before[k], straight[k]) for k in straight)
+    if name == "fsdp_full":  # once, not per case: fsdp_full's resume is exact and every weight moved
+        straight, resumed = full_model(runs / "fsdp_full"), full_model(runs / "fsdp_full_resumed")
+        assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+        before = load_file(runs / "model" / "model.safetensors")
+        assert all(not torch.equal(before[k], straight[k]) for k in straight)
 
 
 def test_resume_with_another_world_size_is_refused(runs, tmp_path):

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import export
 import train
-from hf_fixtures import save_checkpoint
+from hf_fixtures import checkpoint_fixture, save_checkpoint
 from nanolora import dynamic_4bit, load_model, load_tokenizer
 from nanolora.data import load_examples, pad_token_id, split_eval
 from nanolora.dynamic_4bit import CHOICE_FILE, calibration_batch, checkpoint_tensors, choose, costs
@@ -34,11 +34,7 @@ def plant_sensitivity(folder):
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
-@pytest.fixture(scope="module")
-def plain(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("plain")
-    save_checkpoint(folder, "llama", **SIZES)
-    return folder
+plain = checkpoint_fixture("llama", **SIZES)
 
 
 @pytest.fixture(scope="module")

@@ -71,18 +71,6 @@ def run(checkpoint, out, *flags):
                        "--dropout", "0.1", "--warmup_steps", "2", *flags])
 
 
-@pytest.fixture
-def one_cpu_thread(monkeypatch):
-    """torch on one CPU thread for the whole test, whatever the run's thread policy wants."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # cpu_threads.py leaves the count alone
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
-    yield
-    monkeypatch.undo()
-    torch.set_num_threads(threads)
-
-
 def test_resume_continues_exactly(checkpoint, tmp_path, one_cpu_thread):
     """10 steps straight == 5 steps, interrupted, then --resume for the other 5 (dropout is on,
     so the RNG state must be restored too, and the data order and the schedule).
