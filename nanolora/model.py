@@ -17,6 +17,7 @@ here. Family differences are ModelConfig fields:
   rope_local_theta (Gemma 3: the sliding layers' RoPE base)
 """
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -235,10 +236,11 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.layers):
             layer_cache = None if kv_cache is None else kv_cache[i]
             layer_cos, layer_sin, mask = inputs[block.self_attn.sliding]
-            if checkpointed:  # keep only the block's input (on the GPU, or offloaded to CPU memory)
-                with offloader.hooks(x) if offloader else nullcontext():
+            if checkpointed:  # keep only the block's input: on the GPU, or offloaded to CPU memory
+                offloads = offloader.block(x) if offloader else None  # with the attention's output
+                with offloads.hooks() if offloads else nullcontext():
                     x = checkpoint(block, x, layer_cos, layer_sin, mask, layer_cache, cache_start,
-                                   use_reentrant=False, context_fn=ops.checkpoint_contexts,
+                                   use_reentrant=False, context_fn=partial(ops.checkpoint_contexts, offloads),
                                    preserve_rng_state=self.preserve_rng_state)
             else:
                 x = block(x, layer_cos, layer_sin, mask, layer_cache, cache_start)

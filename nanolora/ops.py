@@ -12,13 +12,13 @@ references everywhere.
 """
 import math
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from nanolora import nf4
+from nanolora import kept_attention, nf4
 from nanolora.nf4 import NF4Weight
 
 _kernels_enabled = os.environ.get("NANOLORA_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
@@ -367,9 +367,15 @@ def attention(q, k, v, mask, scale=None, softcap=None):
     kernel), else a boolean [batch or 1, 1, q_len, kv_len], True where a query may look.
     scale: the factor on q k^T (default head_dim ** -0.5). softcap: Gemma 2's cap on the
     scores; SDPA cannot apply it, so capped attention runs attention_reference.
+
+    In a checkpointed block whose offloads keep tensors (checkpoint_contexts), plain causal
+    attention keeps its output for the recompute instead of computing it twice
+    (nanolora/kept_attention.py; same kernels, same bytes).
     """
     if softcap is not None:
         return attention_reference(q, k, v, mask, scale, softcap)
+    if _keeper is not None and mask is None and _kernels_enabled and kept_attention.supported(q, k, v):
+        return kept_attention.KeptAttention.apply(q, k, v, scale, _keeper, _recomputing)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
                                           enable_gqa=q.shape[1] != k.shape[1])
 
@@ -395,7 +401,7 @@ def gated_mlp(x, gate_proj, up_proj, down_proj, activation="silu", output_only_a
     output_only_added: the caller promises that the output is only ever added to something
     (the residual stream of a Llama block) and is the last thing its checkpointed block
     computes. A backward needs nothing from such a value, so when the block is recomputed
-    for its backward (inside `recomputing()`) the down GEMM is skipped.
+    for its backward (see checkpointed_block) the down GEMM is skipped.
     """
     fused = _fused_projections(x, [gate_proj, up_proj, down_proj])
     if fused is None:
@@ -407,25 +413,25 @@ def gated_mlp(x, gate_proj, up_proj, down_proj, activation="silu", output_only_a
 
 
 # ----------------------------------------------------------------------------- checkpointing
-_recomputing = False
+_recomputing = False  # inside a checkpoint's recompute of a block (see gated_mlp's output_only_added)
+_keeper = None  # the running checkpointed block's offloads, where attention keeps its output
 
 
 @contextmanager
-def recomputing():
-    """Marks a checkpoint's recompute of a block (see gated_mlp's output_only_added)."""
-    global _recomputing
-    previous, _recomputing = _recomputing, True
+def checkpointed_block(keeper, recompute):
+    """Marks a checkpointed block's forward (recompute False) or its recompute for the backward;
+    keeper: its checkpointing.BlockOffloads, or None (then attention is recomputed)."""
+    global _recomputing, _keeper
+    previous, (_recomputing, _keeper) = (_recomputing, _keeper), (recompute, keeper)
     try:
         yield
     finally:
-        _recomputing = previous
+        _recomputing, _keeper = previous
 
 
-def checkpoint_contexts():
-    """torch.utils.checkpoint's context_fn: nothing around a block's forward, `recomputing()`
-    around its recompute."""
-    return nullcontext(), recomputing()
-
+def checkpoint_contexts(keeper=None):
+    """torch.utils.checkpoint's context_fn for one block: its forward and its recompute."""
+    return checkpointed_block(keeper, False), checkpointed_block(keeper, True)
 
 
 # ----------------------------------------------------------------------------- the loss

@@ -105,23 +105,30 @@ def cuda_streams_stubbed(monkeypatch):
 
 
 def test_offload_hooks_on_cpu_with_streams_stubbed(model_and_batch, monkeypatch, cuda_streams_stubbed):
-    """The offloader's pack/unpack logic, run on the CPU with CUDA's stream API stubbed out:
-    every block input goes to host memory and comes back, and the gradients are those of no
-    checkpointing."""
+    """The offloader's logic, run on the CPU with CUDA's stream API stubbed out: every block
+    input, and every block's attention output and log-sum-exp, goes to host memory and comes
+    back once; the recompute runs no attention forward; the gradients are those of no
+    checkpointing (bit-equal: the same CPU flash kernels, and LoRA dropout replayed)."""
     checkpointing = cuda_streams_stubbed
+    from nanolora import kept_attention
     offloaders, block_inputs = [], []
 
     def offloader_for(mode, device):
-        offloaders.append(checkpointing.BlockInputOffloader(device))
+        offloaders.append(checkpointing.BlockOffloader(device))
         return offloaders[-1]
     monkeypatch.setattr(checkpointing, "offloader_for", offloader_for)
-    real_hooks = checkpointing.BlockInputOffloader.hooks
+    real_block = checkpointing.BlockOffloader.block
 
-    def hooks(self, block_input):
+    def block(self, block_input):
         block_inputs.append(weakref.ref(block_input))
-        return real_hooks(self, block_input)
-    monkeypatch.setattr(checkpointing.BlockInputOffloader, "hooks", hooks)
+        return real_block(self, block_input)
+    monkeypatch.setattr(checkpointing.BlockOffloader, "block", block)
+    monkeypatch.setattr(kept_attention, "MIN_LENGTH", 0)  # the path is for long sequences
+    forwards = []
+    real_forward = kept_attention.attention_forward
+    monkeypatch.setattr(kept_attention, "attention_forward", lambda *a: forwards.append(1) or real_forward(*a))
     model, ids, labels = model_and_batch
+    n_blocks = len(model.layers)
     torch.manual_seed(3)
     plain = lora_grads(model, ids, labels, False)
     torch.manual_seed(3)
@@ -129,17 +136,22 @@ def test_offload_hooks_on_cpu_with_streams_stubbed(model_and_batch, monkeypatch,
     loss = model(ids, None, None, None, labels=labels)
     gc.collect()
     # the point of offloading: after the forward nothing holds a block's input any more, but the
-    # offloader the last one's, until the compute stream has waited for its copy (first unpack)
-    assert len(block_inputs) == len(model.layers)
+    # offloader the last block's tensors, until the compute stream has waited for their copies
+    assert len(block_inputs) == n_blocks
     assert not any(ref() is not None for ref in block_inputs[:-1])
-    assert offloaders[-1].leaving[0] is block_inputs[-1]()
-    del loss
+    leaving = offloaders[-1].leaving
+    assert [block for _, _, block in leaving] == [n_blocks - 1] * 3 and leaving[0][0] is block_inputs[-1]()
+    del loss, leaving
     offloaders.clear()
+    forwards.clear()
     torch.manual_seed(3)
     offload = lora_grads(model, ids, labels, "offload")
-    assert len(offloaders) == 1 and len(offloaders[0].inputs) == len(model.layers)
-    assert all(o.fetched == 1 for o in offloaders[0].inputs)  # each brought back once
-    assert all(o.gpu is None for o in offloaders[0].inputs)  # and not kept: autograd had the only reference
+    assert len(forwards) == n_blocks  # the forward pass's; the recompute took them back instead
+    assert len(offloaders) == 1 and len(offloaders[0].blocks) == n_blocks
+    offloaded = [o for b in offloaders[0].blocks for o in [b.input, *b.kept]]
+    assert len(offloaded) == 3 * n_blocks  # input, attention output, log-sum-exp
+    assert all(o.fetched == 1 for o in offloaded)  # each brought back once
+    assert all(o.gpu is None for o in offloaded)  # and not kept: autograd had the only reference
     assert torch.equal(plain[0], offload[0])
     assert all(torch.equal(a, b) for a, b in zip(plain[1], offload[1]))
 
@@ -150,14 +162,14 @@ def test_offload_host_buffers_grow_to_the_longest_input(model_and_batch, monkeyp
     (the graph's replays still copy to it); one no graph captured is freed."""
     checkpointing = cuda_streams_stubbed
     monkeypatch.setattr(checkpointing, "offloader_for",
-                        lambda mode, device: checkpointing.BlockInputOffloader(device) if mode == "offload" else None)
+                        lambda mode, device: checkpointing.BlockOffloader(device) if mode == "offload" else None)
     model, ids, labels = model_and_batch
     hidden, n_blocks = model.config.hidden_size, len(model.layers)
 
     def step(ids, labels):
         lora_grads(model, ids, labels, "offload")
-        assert len(checkpointing._slots) == n_blocks
-        return [checkpointing._slots[(torch.device("cpu"), i)] for i in range(n_blocks)]
+        assert len(checkpointing._slots) == n_blocks  # the inputs (attention is recomputed at these lengths)
+        return [checkpointing._slots[(torch.device("cpu"), i, 0)] for i in range(n_blocks)]
 
     for length in [5, 9, 7, 12, 3, 11]:
         slots = step(ids[:, :length], labels[:, :length])
