@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from nanolora import cli, cuda_graphs, distributed, full_finetune, load_model
+from nanolora.document_attention import find_documents
 from nanolora.cpu_threads import CPUThreads
 from nanolora.data import IGNORE, Batches, load_examples, pad_token_id, split_eval
 from nanolora.default_model import DEFAULT_MODEL, resolve_model
@@ -127,9 +128,12 @@ def _count_or_fraction(text):
 # ----------------------------------------------------------------------------- the step
 def to_device(batch, device):
     """A batch from data.py on the device. A mask without padding is dropped while it is still
-    on the host, so the model takes SDPA's causal fast path without a device sync."""
+    on the host, so the model takes SDPA's causal fast path without a device sync; packed
+    rows' documents are found there too (nanolora/document_attention.py)."""
     if batch["attention_mask"] is not None and bool(batch["attention_mask"].all()):
         batch = {**batch, "attention_mask": None}
+    if batch.get("segment_ids") is not None and batch["segment_ids"].device.type == "cpu":
+        batch = {**batch, "documents": find_documents(batch["segment_ids"])}
     return {k: None if v is None else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 

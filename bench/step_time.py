@@ -59,8 +59,18 @@ def nanolora_setup(path, args):
     no_scaling = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling
     graphed = None if graphs_off else cuda_graphs.GraphedMicroSteps(model, params, torch.bfloat16, no_scaling)
 
+    packing = {}
+    if args.docs > 1:  # rows packed from equal documents, as train.py --pack makes them (and finds their documents)
+        from nanolora.document_attention import find_documents
+        length = -(-args.seq // args.docs)
+        index = torch.arange(args.seq)
+        segments = (index // length + 1).expand(args.batch, -1)
+        packing = {"position_ids": (index % length).expand(args.batch, -1).to(device), "segment_ids": segments.to(device),
+                   "documents": None if args.docs_masked else find_documents(segments).to(device)}
+
     def step(ids):
-        batch = {"input_ids": ids, "labels": ids, "attention_mask": None, "position_ids": None, "segment_ids": None}
+        batch = {"input_ids": ids, "labels": ids, "attention_mask": None, "position_ids": None, "segment_ids": None,
+                 **packing}
         n = count_labels([batch])
         loss_sum = accumulate_gradients(model, [batch], n, device, autocast, no_scaling, graphed)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -141,6 +151,10 @@ def main():
                         help="nanolora's gradient checkpointing (Unsloth offloads, HF keeps inputs on the GPU)")
     parser.add_argument("--graphs", choices=["true", "false"], default="true",
                         help="nanolora's --cuda_graphs (on by default, as in train.py)")
+    parser.add_argument("--docs", type=int, default=1,
+                        help="nanolora: each row packed from this many equal documents (segment ids, positions from 0)")
+    parser.add_argument("--docs_masked", action="store_true",
+                        help="with --docs: attention within documents by a boolean mask, not variable-length kernels")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--print_loss_every", type=int, default=0)
@@ -150,7 +164,7 @@ def main():
     args.lr = 1e-5 if args.full else 2e-4
     if args.system == "unsloth":
         import unsloth  # noqa: F401  (it must be imported before transformers to patch it)
-    setting = dict(system=args.system, weights="nf4" if args.nf4 else "bf16", batch=args.batch, seq=args.seq,
+    setting = dict(system=args.system, weights="nf4" if args.nf4 else "bf16", batch=args.batch, seq=args.seq, docs=args.docs,
                    full=args.full, optim=args.optim if args.system == "nanolora" else "adamw")
     try:
         result = measure(args)

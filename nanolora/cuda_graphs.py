@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from nanolora import ops
 from nanolora.data import IGNORE
+from nanolora.document_attention import Documents
 
 # the value padding gets in each batch field
 PAD_VALUES = {"input_ids": 0, "labels": IGNORE, "attention_mask": 0, "position_ids": 0, "segment_ids": 0}
@@ -70,12 +71,26 @@ def why_not(model, device, *, world_size=1, full=False) -> str | None:
 
 def pad_to_bucket(batch: dict, length=bucket_length) -> dict:
     """The batch's [batch, seq] fields padded on the right to length(seq) tokens (a field that
-    is None stays None: no mask means causal attention, and padding then needs none)."""
+    is None stays None: no mask means causal attention, and padding then needs none); packed
+    rows' documents gain each row's padding as a document."""
     seq = batch["input_ids"].shape[1]
     extra = length(seq) - seq
     if not extra:
         return batch
-    return {k: None if v is None else F.pad(v, (0, extra), value=PAD_VALUES[k]) for k, v in batch.items()}
+    return {k: None if v is None else v.padded(seq + extra) if k == "documents" else
+            F.pad(v, (0, extra), value=PAD_VALUES[k]) for k, v in batch.items()}
+
+
+def _shape(value):
+    """What a graph is captured for: a tensor's shape, or documents' count and longest length."""
+    return None if value is None else value.key() if isinstance(value, Documents) else tuple(value.shape)
+
+
+def _copy_into(static, value):
+    if isinstance(value, Documents):
+        static.cu_seqlens.copy_(value.cu_seqlens, non_blocking=True)
+    else:
+        static.copy_(value, non_blocking=True)
 
 
 class GraphedMicroSteps:
@@ -119,7 +134,7 @@ class GraphedMicroSteps:
 
     def _call(self, batch, loss_factor):
         batch = pad_to_bucket(batch)
-        key = tuple((k, None if v is None else tuple(v.shape)) for k, v in sorted(batch.items()))
+        key = tuple((k, _shape(v)) for k, v in sorted(batch.items()))
         if self.grads is not None:
             self._same_grads()
         self.loss_factor.fill_(loss_factor)
@@ -127,7 +142,7 @@ class GraphedMicroSteps:
             graph, static, loss = self.graphs[key]
             for k, v in batch.items():
                 if v is not None:
-                    static[k].copy_(v, non_blocking=True)
+                    _copy_into(static[k], v)
             graph.replay()
             return loss.clone()
         inputs = {k: None if v is None else v.to(self.device) for k, v in batch.items()}
@@ -148,7 +163,8 @@ class GraphedMicroSteps:
             self.grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
             for p, g in zip(self.params, self.grads):
                 p.grad = g
-        static = {k: v.clone() for k, v in inputs.items() if v is not None}
+        static = {k: v._replace(cu_seqlens=v.cu_seqlens.clone()) if isinstance(v, Documents) else v.clone()
+                  for k, v in inputs.items() if v is not None}
         static_inputs = {k: static.get(k) for k in inputs}
         graph = torch.cuda.CUDAGraph()
         preserve = self.model.preserve_rng_state

@@ -205,13 +205,15 @@ class Transformer(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None,
-                      kv_cache=None, cache_start=0):
+                      kv_cache=None, cache_start=0, documents=None):
         """Final-norm hidden states [batch, seq, hidden].
 
         attention_mask [batch, kv_len]: 1 for real tokens, 0 for padding (with a KV cache it
         covers the cached keys too). Pass None when there is no padding: SDPA then takes its
         causal fast path. (Checking for an all-ones mask here would sync with the device.) position_ids [batch, seq] default to cache_start + 0..seq-1.
         segment_ids [batch, seq]: packed examples; attention stays within one segment.
+        documents: the same packing as document_attention.Documents (train.py finds them on the
+        host), for the full-attention layers to attend within documents without a mask.
         """
         batch, seq = input_ids.shape
         device = input_ids.device
@@ -227,9 +229,12 @@ class Transformer(nn.Module):
             ops.rope_cos_sin(self.rope_local_inv_freq, position_ids, x.dtype)
         inputs = {}
         for sliding in {block.self_attn.sliding for block in self.layers}:
-            mask = build_attention_mask(batch, seq, kv_len, device, q_start=cache_start,
-                                        key_padding=attention_mask, segment_ids=segment_ids,
-                                        sliding_window=self.config.sliding_window if sliding else None)
+            if documents is not None and not sliding:  # packed rows: attention within documents, no mask
+                mask = documents
+            else:
+                mask = build_attention_mask(batch, seq, kv_len, device, q_start=cache_start,
+                                            key_padding=attention_mask, segment_ids=segment_ids,
+                                            sliding_window=self.config.sliding_window if sliding else None)
             inputs[sliding] = (local_cos, local_sin, mask) if sliding else (cos, sin, mask)
         checkpointed = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         offloader = checkpointing.offloader_for(self.grad_checkpointing, x.device) if checkpointed else None
@@ -250,10 +255,11 @@ class Transformer(nn.Module):
         """The output head on hidden states [..., hidden] -> [..., vocab] (soft-capped for Gemma)."""
         return ops.soft_cap(F.linear(hidden, self.head_weight), self.config.final_logit_softcapping)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, labels=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, labels=None,
+                documents=None):
         """Logits [batch, seq, vocab]; or, given labels [batch, seq] (-100 = none), the next-token
         cross-entropy summed over label tokens (fp32 scalar), without materialising the logits."""
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids, segment_ids)
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, segment_ids, documents=documents)
         if labels is not None:
             return ops.cross_entropy_sum(hidden, self.head_weight, labels,
                                          softcap=self.config.final_logit_softcapping)

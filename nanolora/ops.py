@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from nanolora import kept_attention, nf4
+from nanolora import document_attention, kept_attention, nf4
 from nanolora.nf4 import NF4Weight
 
 _kernels_enabled = os.environ.get("NANOLORA_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
@@ -368,10 +368,18 @@ def attention(q, k, v, mask, scale=None, softcap=None):
     scale: the factor on q k^T (default head_dim ** -0.5). softcap: Gemma 2's cap on the
     scores; SDPA cannot apply it, so capped attention runs attention_reference.
 
+    mask may also be the Documents of packed rows (nanolora/document_attention.py): causal
+    attention within each document, by flash attention's variable-length kernel, or the
+    reference's boolean mask built from them.
+
     In a checkpointed block whose offloads keep tensors (checkpoint_contexts), plain causal
     attention keeps its output for the recompute instead of computing it twice
     (nanolora/kept_attention.py; same kernels, same bytes).
     """
+    if isinstance(mask, document_attention.Documents):
+        if _kernels_enabled and softcap is None and document_attention.supported(q, k):
+            return document_attention.attention(q, k, v, mask, scale)
+        mask = mask.mask(q.shape[0], q.shape[2])
     if softcap is not None:
         return attention_reference(q, k, v, mask, scale, softcap)
     if _keeper is not None and mask is None and _kernels_enabled and kept_attention.supported(q, k, v):

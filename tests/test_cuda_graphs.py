@@ -8,6 +8,7 @@ import torch
 
 from hf_fixtures import checkpoint_fixture, save_checkpoint
 from nanolora import cuda_graphs, load_model, ops
+from nanolora.document_attention import find_documents
 from nanolora.lora import attach_lora, lora_parameters
 
 CUDA = torch.cuda.is_available()
@@ -97,12 +98,14 @@ def test_why_graphs_stay_off(llama):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("family,nf4,checkpointing", [
-    ("llama", False, True), ("llama", True, True), ("llama", True, "offload"),
+@pytest.mark.parametrize("family,nf4,checkpointing,packed", [
+    ("llama", False, True, False), ("llama", True, True, False), ("llama", True, "offload", False),
+    # packed rows: their documents (variable-length attention) padded with the rows
+    ("llama", True, "offload", True),
     # Gemma: soft-capped attention and loss (the references), sliding windows, scaled embeddings
-    ("gemma2", False, True), ("gemma3", True, "offload")],
-    ids=["bf16", "nf4", "nf4-offload", "gemma2-bf16", "gemma3-nf4-offload"])
-def test_graphed_steps_train_as_eager_ones(tmp_path, family, nf4, checkpointing):
+    ("gemma2", False, True, False), ("gemma3", True, "offload", True)],
+    ids=["bf16", "nf4", "nf4-offload", "nf4-offload-packed", "gemma2-bf16", "gemma3-nf4-offload-packed"])
+def test_graphed_steps_train_as_eager_ones(tmp_path, family, nf4, checkpointing, packed):
     """Four AdamW steps of two micro-batches each (lengths 300 and 200, one batch with
     padding): the graphed run's losses and LoRA weights are the eager run's, given the eager
     run the same bucket-padded batches (padding changes the GEMM shapes, hence their bf16
@@ -114,7 +117,11 @@ def test_graphed_steps_train_as_eager_ones(tmp_path, family, nf4, checkpointing)
     save_checkpoint(tmp_path, family, **shape)
     g = torch.Generator().manual_seed(0)
     vocab = 512
-    windows = [[random_batch(g, 2, 300, vocab), random_batch(g, 2, 200, vocab, padded_rows=1)] for _ in range(4)]
+    windows = [[random_batch(g, 2, 300, vocab, packed=packed), random_batch(g, 2, 200, vocab, padded_rows=1, packed=packed)]
+               for _ in range(4)]
+    for window in windows if packed else []:
+        for mb in window:
+            mb["documents"] = find_documents(mb["segment_ids"])
     runs = {}
     for graphs in (False, True, False):
         torch.manual_seed(0)
@@ -131,7 +138,7 @@ def test_graphed_steps_train_as_eager_ones(tmp_path, family, nf4, checkpointing)
             n = sum(int((mb["labels"] != -100).sum()) for mb in window)
             total = torch.zeros((), device="cuda")
             for mb in window:
-                mb = {k: None if v is None else v.cuda() for k, v in mb.items()}
+                mb = {k: None if v is None else v.to("cuda") for k, v in mb.items()}
                 if graphed:
                     total += graphed(mb, 1.0 / n)
                 else:
