@@ -88,22 +88,25 @@ def test_unsupported_cases_fall_back(monkeypatch):
 @pytest.mark.parametrize("batch,heads,kv_heads,seq,dim", [(2, 32, 8, 2048, 128), (1, 8, 2, 123, 64),
                                                           (3, 12, 12, 517, 128), (1, 14, 2, 5, 64)])
 def test_equals_sdpa_on_gpu(dtype, batch, heads, kv_heads, seq, dim):
-    """cuDNN's kernels called directly, against SDPA: bit-equal where SDPA picks cuDNN too (it
-    does for these cases on Hopper); against the fp32 reference within what 16-bit inputs and
-    outputs allow (2^-7 relative for bf16, the largest gradient's scale)."""
+    """cuDNN's kernels called directly, against SDPA's cuDNN path: the same output bits; the
+    same gradients up to the order cuDNN's backward adds the grouped heads' dK/dV in (not fixed
+    from run to run: a fp16 32/8-head case differed between two identical calls on an H200).
+    Against the fp32 reference within what 16-bit inputs and outputs allow: 4 units in the last
+    place (2^-8 bf16, 2^-11 fp16) of each output's largest value."""
     q, k, v, dout = qkv(batch, heads, kv_heads, seq, dim, dtype, "cuda")
     if not kept_attention.supported(q, k, v):
         pytest.skip("cuDNN attention does not cover this case on this GPU")
+    unit = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -11
+
+    def close(a, b, units):
+        return (a.float() - b.float()).abs().max().item() <= units * unit * b.float().abs().max().item()
     now = forward_and_grads(lambda *t: kept_attention.KeptAttention.apply(*t, None, Keeper(), False), q, k, v, dout)
-    for a, b in zip(now, kept_twice(q, k, v, dout, None)):
-        assert torch.equal(a, b)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         sdpa = forward_and_grads(lambda q, k, v: F.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=heads != kv_heads), q, k, v, dout)
-    for a, b in zip(now, sdpa):
-        assert torch.equal(a, b)
+    for results in (kept_twice(q, k, v, dout, None), sdpa):
+        assert torch.equal(now[0], results[0])
+        assert all(close(a, b, 1) for a, b in zip(now[1:], results[1:]))
     reference = forward_and_grads(lambda *t: attention_reference(*t, None), *(t.float() for t in (q, k, v, dout)))
-    for a, b in zip(now, reference):
-        tol = (2 ** -7 if dtype == torch.bfloat16 else 2 ** -10) * 4 * b.abs().max().item()
-        assert (a.float() - b).abs().max().item() <= tol
+    assert all(close(a, b, 4) for a, b in zip(now, reference))
