@@ -249,6 +249,8 @@ class Transformer(nn.Module):
                                    preserve_rng_state=self.preserve_rng_state)
             else:
                 x = block(x, layer_cos, layer_sin, mask, layer_cache, cache_start)
+        if offloader:
+            offloader.forward_done()
         return self.norm(x)
 
     def logits(self, hidden):
