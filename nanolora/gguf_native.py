@@ -18,6 +18,7 @@ says why in one line on stderr: the torch quantizers (the same bytes, slower) ar
 import ctypes
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -67,9 +68,9 @@ def _unavailable(reason):
 
 
 def _load():
-    compiler = os.environ.get("CC", "cc")
-    if shutil.which(compiler) is None:
-        raise NativeUnavailable(f"no C compiler found ({compiler!r}: set CC, or install gcc or clang)")
+    compiler = shlex.split(os.environ.get("CC") or "cc")  # CC may carry words: "ccache gcc"
+    if not compiler or shutil.which(compiler[0]) is None:
+        raise NativeUnavailable(f"no C compiler found (CC={' '.join(compiler) or 'cc'}: set CC, or install gcc or clang)")
     path = cache_folder() / f"gguf_quantize-{_build_key(compiler)}.so"
     if _intact(path):
         try:
@@ -102,10 +103,10 @@ def _build_key(compiler):
     """A hash of the source, the flags, and the macros the compiler predefines with those flags
     (`-E -dM`: its version, and the instruction sets -march=native picked on this CPU)."""
     try:
-        probe = subprocess.run([compiler, *FLAGS, "-E", "-dM", "-x", "c", os.devnull],
+        probe = subprocess.run([*compiler, *FLAGS, "-E", "-dM", "-x", "c", os.devnull],
                                capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as e:
-        raise NativeUnavailable(f"the C compiler {compiler!r} does not run ({e})") from None
+        raise NativeUnavailable(f"the C compiler {' '.join(compiler)} does not run ({e})") from None
     key = hashlib.sha256(SOURCE.read_bytes())
     for part in (" ".join(FLAGS), probe.stdout, probe.stderr, sys.platform):
         key.update(part.encode())
@@ -121,14 +122,14 @@ def _compile(compiler, path: Path):
         raise NativeUnavailable(f"cannot write to the cache folder {path.parent} ({e.strerror})") from None
     try:
         try:
-            result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", temporary], capture_output=True,
+            result = subprocess.run([*compiler, *FLAGS, str(SOURCE), "-o", temporary], capture_output=True,
                                     text=True, timeout=300)
         except (OSError, subprocess.TimeoutExpired) as e:
-            raise NativeUnavailable(f"compiling {SOURCE.name} with {compiler!r} failed ({e})") from None
+            raise NativeUnavailable(f"compiling {SOURCE.name} with {' '.join(compiler)} failed ({e})") from None
         if result.returncode:
             lines = result.stderr.strip().splitlines() or ["no message"]
             first = next((line for line in lines if "error" in line), lines[-1])
-            raise NativeUnavailable(f"compiling {SOURCE.name} with {compiler!r} failed: {first}")
+            raise NativeUnavailable(f"compiling {SOURCE.name} with {' '.join(compiler)} failed: {first}")
         with open(temporary, "r+b") as f:
             f.seek(0, os.SEEK_END)
             f.write(hashlib.sha256(Path(temporary).read_bytes()).digest())  # see _intact

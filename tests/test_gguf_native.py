@@ -87,7 +87,7 @@ def test_switched_off(fresh, monkeypatch, capsys):
 
 @pytest.mark.parametrize("compiler,said", [("/nonexistent/cc", "no C compiler found"),
                                            ("false", "failed"),  # runs, compiles nothing
-                                           ])
+                                           ("env false", "failed")])  # CC may carry words ("ccache gcc")
 def test_no_or_broken_compiler_falls_back(fresh, monkeypatch, capsys, compiler, said):
     """One line on stderr, no traceback, no file left in the cache; quantize() still gives the
     torch path's bytes."""
@@ -99,6 +99,19 @@ def test_no_or_broken_compiler_falls_back(fresh, monkeypatch, capsys, compiler, 
     assert not fresh.exists() or not any(fresh.iterdir())
     monkeypatch.setenv("NANOLORA_NATIVE", "0")
     assert np.array_equal(ours, quantize(values, "Q6_K"))
+
+
+@needs_cc
+def test_unwritable_cache_falls_back(fresh, monkeypatch, tmp_path, capsys):
+    """XDG_CACHE_HOME naming a file: the cache folder cannot be made; one line, torch's bytes."""
+    (tmp_path / "a file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a file"))
+    values = np.random.default_rng(2).standard_normal((3, 256)).astype(np.float32)
+    ours = quantize(values, "Q4_K")
+    line = one_line(capsys)
+    assert "cache folder" in line and "a file" in line
+    monkeypatch.setenv("NANOLORA_NATIVE", "0")
+    assert np.array_equal(ours, quantize(values, "Q4_K"))
 
 
 def test_compile_error_is_one_line(fresh, monkeypatch, tmp_path, capsys):
