@@ -37,7 +37,9 @@ static inline int32_t nearest_int(float f) {
     return (i & 0x007fffff) - 0x00400000;
 }
 
-static inline int32_t c_to_int(float v) { return fabsf(v) < 2147483648.f ? (int32_t)v : INT32_MIN; }
+static inline int32_t c_to_int(float v) { /* the select first: then the conversion is in range, and vectorises */
+    return (int32_t)(fabsf(v) < 2147483648.f ? v : -2147483648.f);
+}
 
 static inline float clampf(float v, float lo, float hi) { return v < lo ? lo : v > hi ? hi : v; }
 
@@ -78,10 +80,19 @@ static void put_f16(uint8_t *out, float f) {
 
 /* --------------------------------------------------------------- 32-blocks */
 
-void nanolora_quantize_q8_0(const float *x, int64_t n_blocks, uint8_t *out) {
+/* max |x| over a 32-block, from 0. A maximum is exact in any order, so it is taken in 8
+   interleaved partial maxima that the compiler runs as one SIMD register. */
+static float abs_max(const float *x) {
+    float part[8] = {0};
+    for (int j = 0; j < 32; j++) part[j % 8] = fabsf(x[j]) > part[j % 8] ? fabsf(x[j]) : part[j % 8];
+    float amax = 0.0f;
+    for (int k = 0; k < 8; k++) amax = part[k] > amax ? part[k] : amax;
+    return amax;
+}
+
+void nanolora_quantize_q8_0(const float *restrict x, int64_t n_blocks, uint8_t *restrict out) {
     for (int64_t b = 0; b < n_blocks; b++, x += 32, out += 34) {
-        float amax = 0.0f;
-        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[j])); /* exact in any order */
+        const float amax = abs_max(x);
         const float d = amax / 127.0f, id = d ? 1.0f / d : 0.0f;
         put_f16(out, d);
         for (int j = 0; j < 32; j++) {
@@ -93,12 +104,13 @@ void nanolora_quantize_q8_0(const float *x, int64_t n_blocks, uint8_t *out) {
     }
 }
 
-/* The value of largest magnitude, the first of them on ties, +0.0 when all are zero. */
-static float signed_max(const float *x, int n) {
-    float amax = 0.0f, max = 0.0f;
-    for (int j = 0; j < n; j++)
-        if (amax < fabsf(x[j])) amax = fabsf(x[j]), max = x[j];
-    return max;
+/* The value of largest magnitude, the first of them on ties, +0.0 when all are zero (the C
+   loop replaces its max, from 0, only by a strictly larger |x|): found after abs_max. */
+static float signed_max(const float *x) {
+    const float amax = abs_max(x);
+    int j = 0;
+    while (amax > 0 && fabsf(x[j]) != amax) j++;
+    return amax > 0 ? x[j] : 0.0f;
 }
 
 /* The fifth bits of 32 values as the u32 of Q5_0 / Q5_1 (bit i: value i), little-endian. */
@@ -115,7 +127,7 @@ static void put_fifth_bits(uint8_t *out, const uint8_t *q) {
 static void q4_0_or_q5_0(const float *x, int64_t n_blocks, uint8_t *out, int levels) {
     const int block_bytes = levels == 16 ? 18 : 22, half = levels / 2;
     for (int64_t b = 0; b < n_blocks; b++, x += 32, out += block_bytes) {
-        const float d = signed_max(x, 32) / (float)-half, id = d ? 1.0f / d : 0.0f;
+        const float d = signed_max(x) / (float)-half, id = d ? 1.0f / d : 0.0f;
         uint8_t q[32];
         for (int j = 0; j < 32; j++) {
             int8_t l = (int8_t)c_to_int(x[j] * id + ((float)half + 0.5f));
