@@ -57,9 +57,15 @@ def merged_tensors(model):
             if value is None:
                 continue
             # a full fine-tune under FSDP2 holds shards: gathered (a collective, every rank calls it)
-            tensor = ops.dense_weight(distributed.whole(value), torch.float32)
+            value = distributed.whole(value)
             if attr == "weight" and isinstance(module, LoRALinear) and not module.merged:
-                tensor = tensor + module.delta_weight()
+                # W + scale B A as delta += W, in the update's own fresh fp32 tensor: the same sums
+                # (addition commutes; a 16-bit W is exact in fp32) without two more temporaries
+                # the size of W, whose fresh pages cost as much as the arithmetic (GGUF export)
+                tensor = module.delta_weight()
+                tensor += value if isinstance(value, torch.Tensor) else ops.dense_weight(value, torch.float32)
+            else:
+                tensor = ops.dense_weight(value, torch.float32)
             key = hf_key(f"{module_name}.{attr}")
             if expected.get(key) != tuple(tensor.shape):
                 raise ValueError(f"merging: weight {key!r} of shape {list(tensor.shape)} is not part of a "

@@ -21,12 +21,18 @@ order it does them, so the results are the same floats:
 
 On CUDA each op is its own IEEE float32 kernel, so the GPU gives the same bytes (tests/
 test_gguf_quants.py checks CPU against llama.cpp, CUDA against the CPU).
+
+On the CPU, quantize() runs the block types through nanolora/gguf_quantize.c instead (the same
+operations in C, 16 sub-blocks at a time: 4-8x llama.cpp's speed on the K-quants, where the
+functions here are 2-3x slower than llama.cpp) when gguf_native can compile it; these stay its
+reference, the path without a compiler, and the CUDA path.
 """
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
+from nanolora import gguf_native
 from nanolora.gguf_quants import GGML_TYPES, TYPE_IDS, row_bytes
 
 GROUP_MAX_EPS = 1e-15  # ggml-quants.c: a group whose largest |x| is below this is all zero
@@ -41,7 +47,10 @@ TINY_BLOCK = 2.0 ** -100
 # 15.8 -> 24.7, Q8_0 290 -> 450 M values/s; a chunk's temporaries then live in L3, not L2).
 # A tensor is cut into equal chunks, a multiple of the threads in number. CUDA: large, so that each kernel
 # has millions of values to work on.
-CHUNK_VALUES = {"cpu": 1 << 20, "cuda": 1 << 25}
+# Native (C) chunks: small, as each call is one C loop without temporaries and releases the GIL;
+# 2^16 values is 256 KB of float32 (in L2), and a tensor of 10^7 values makes ~150 chunks, so the
+# threads end together.
+CHUNK_VALUES = {"cpu": 1 << 20, "cuda": 1 << 25, "native": 1 << 16}
 
 
 def quantize(values, type_name: str, device=None) -> np.ndarray:
@@ -61,7 +70,9 @@ def quantize(values, type_name: str, device=None) -> np.ndarray:
         raise ValueError(f"{type_name} needs rows of a multiple of {block_values} values, got {cols}")
     blocks = values.reshape(-1, block_values)
     out = torch.empty((len(blocks), block_bytes), dtype=torch.uint8)
-    step = max(1, CHUNK_VALUES.get(device.type, CHUNK_VALUES["cpu"]) // block_values)
+    native = device.type == "cpu" and type_name in gguf_native.TYPES and len(blocks) and gguf_native.library()
+    chunk_values = CHUNK_VALUES["native"] if native else CHUNK_VALUES.get(device.type, CHUNK_VALUES["cpu"])
+    step = max(1, chunk_values // block_values)
     threads = torch.get_num_threads()
     if device.type == "cpu" and len(blocks):  # a multiple of `threads` equal chunks: no thread waits for the last
         chunks = -(-len(blocks) // step)
@@ -69,6 +80,10 @@ def quantize(values, type_name: str, device=None) -> np.ndarray:
 
     def run(start):
         part = blocks[start:start + step].to(device=device, dtype=torch.float32)
+        if native:  # into `out` directly; the call releases the GIL
+            part = part.contiguous()
+            getattr(native, f"nanolora_quantize_{type_name.lower()}")(part.data_ptr(), len(part), out[start].data_ptr())
+            return
         result = _QUANTIZERS[type_name](part).cpu()
         if part.is_cuda:  # blocks of float32-subnormal size go to the CPU (see TINY_BLOCK)
             amax = part.abs().amax(dim=1)
@@ -302,6 +317,15 @@ def _make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep):
     return scale, -low, best
 
 
+def _nearest_int(x):
+    """ggml's nearest_int, bit for bit: add 1.5 * 2^23 and keep the low 23 bits, minus 2^22
+    (int32). Rounds half to even in range; +-inf gives -2^22 and NaN 0 (torch.round would give
+    inf and NaN, which a clamp turns into the top level). They come up where an f16 scale
+    overflows to inf (values past ~4e6): x / inf, or (x + inf) / d."""
+    bits = (x + _const(12582912.0, x)).view(torch.int32)
+    return (bits & 0x007FFFFF) - 0x00400000
+
+
 def _nearest_uint8(x):
     """C's `uint8_t ls = nearest_int(x)`: rounded half to even, then wrapped modulo 256."""
     return (torch.round(x).to(torch.int64) & 0xFF).to(torch.uint8)
@@ -338,7 +362,7 @@ def _k_quant_with_mins(x, nmax, rmin, nstep):
     d, dmin = max_scale / _const(63.0, x), max_min / _const(63.0, x)
     sub_d = _f16_round(d)[:, None] * ls.float()  # [n, 8]
     sub_m = _f16_round(dmin)[:, None] * lm.float()
-    requant = torch.round((x.reshape(n, 8, 32) + sub_m[:, :, None]) / sub_d[:, :, None]).clamp(0, nmax)
+    requant = _nearest_int((x.reshape(n, 8, 32) + sub_m[:, :, None]) / sub_d[:, :, None]).clamp(0, nmax).float()
     L = torch.where(sub_d[:, :, None] != 0, requant, L).to(torch.uint8)  # C: `if (!d) continue;`
     packed_scales = torch.cat([ls[:, :4] | ((ls[:, 4:] >> 4) << 6),
                                lm[:, :4] | ((lm[:, 4:] >> 4) << 6),
@@ -433,7 +457,7 @@ def _q6_k(x):
     d = torch.where(zero, torch.zeros_like(iscale), _const(1.0, x) / iscale)
     sc = torch.round(iscale[:, None] * scales).clamp(max=127).to(torch.int8)
     sub_d = _f16_round(d)[:, None] * sc.float()  # [n, 16]
-    requant = torch.round(x.reshape(n, 16, 16) / sub_d[:, :, None]).clamp(-32, 31) + 32
+    requant = (_nearest_int(x.reshape(n, 16, 16) / sub_d[:, :, None]).clamp(-32, 31) + 32).float()
     L = torch.where(sub_d[:, :, None] != 0, requant, L).to(torch.uint8).reshape(n, 2, 4, 32)
     ql = torch.stack([(L[:, :, 0] & 0x0F) | ((L[:, :, 2] & 0x0F) << 4),
                       (L[:, :, 1] & 0x0F) | ((L[:, :, 3] & 0x0F) << 4)], 2).reshape(n, 128)

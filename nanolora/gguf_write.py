@@ -343,7 +343,7 @@ def write_gguf(path, metadata: dict, tensors, data, progress=None):
             raw = np.ascontiguousarray(next(data)).view(np.uint8)
             if raw.size != size:
                 raise ValueError(f"GGUF: tensor {name} has {raw.size} bytes of data, expected {size}")
-            f.write(raw.tobytes())
+            f.write(raw)  # the array's buffer as it is (tobytes would copy it first)
             f.write(_padding(size))
             written += size
             if progress:

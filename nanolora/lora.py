@@ -53,7 +53,7 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self):
         """scale * B A [out, in], the update LoRA adds to W (fp32)."""
-        return self.scale * (self.lora_B.float() @ self.lora_A.float())
+        return (self.lora_B.float() @ self.lora_A.float()).mul_(self.scale)  # in place: the same products
 
     @torch.no_grad()
     def merge(self, dtype=None):

@@ -3,8 +3,11 @@
 Oracles: gguf-py's numpy quantizers where it has them (F16, BF16, Q8_0, Q4_0, Q5_0, Q5_1) and its
 dequantizers for all; llama.cpp's own quantizers (llama_model_quantize through
 llama-cpp-python) for every type, on a GGUF whose one weight holds the rows below.
+Tests that take a `path` run twice: on the CPU's native quantizer (nanolora/gguf_quantize.c)
+and on the torch one that is its reference (NANOLORA_NATIVE=0).
 """
 import contextlib
+import shutil
 
 import numpy as np
 import pytest
@@ -14,12 +17,27 @@ import gguf
 from export_fixtures import llama_cpp_quantize, needs_llama_cpp
 from gguf_fixtures import rewrite_gguf
 from hf_fixtures import save_checkpoint
-from nanolora import load_model
+from nanolora import gguf_native, load_model
 from nanolora.gguf_quantize import quantize
 from nanolora.gguf_quants import dequantize
 from nanolora.gguf_write import write_gguf_model
 
 COLS = 256  # one K-quant block, eight 32-blocks per row
+
+
+@pytest.fixture(params=["native", "torch"])
+def path(request, monkeypatch):
+    """Which CPU quantizer quantize() runs: the C one (needs a C compiler: where `cc` exists it
+    must build) or the torch one."""
+    if request.param == "torch":
+        monkeypatch.setenv("NANOLORA_NATIVE", "0")
+    else:
+        monkeypatch.delenv("NANOLORA_NATIVE", raising=False)
+        if gguf_native.library() is None:
+            if shutil.which("cc"):
+                pytest.fail("a C compiler is here, but the native quantizer did not build (see stderr)")
+            pytest.skip("no C compiler: the native quantizer cannot be built")
+    return request.param
 
 
 def awkward_rows():
@@ -49,7 +67,7 @@ def awkward_rows():
 
 
 @pytest.mark.parametrize("type_name", ["F16", "BF16", "Q8_0", "Q4_0", "Q5_0", "Q5_1"])
-def test_equal_to_gguf_py(type_name):
+def test_equal_to_gguf_py(type_name, path):
     rows = awkward_rows()
     values = np.stack([row for name, row in rows.items() if name != "negative zeros"])
     qtype = gguf.GGMLQuantizationType[type_name]
@@ -87,7 +105,7 @@ def test_dequantize_equals_gguf_py(type_name):
         assert ours.dtype == np.float32 and np.array_equal(ours.view(np.uint32), ref.view(np.uint32)), source
 
 
-def test_negative_zero_block_as_ggml():
+def test_negative_zero_block_as_ggml(path):
     """A 32-block of -0.0: ggml's loops start from max = +0.0 and keep it, so d = +0.0 / -8
     = -0.0 (bytes 00 80); gguf-py takes the -0.0 itself and writes +0.0. We follow ggml (the
     llama.cpp comparison below checks it byte for byte)."""
@@ -97,7 +115,7 @@ def test_negative_zero_block_as_ggml():
 
 @pytest.mark.parametrize("type_name,rms", [("Q8_0", 7e-3), ("Q5_0", 5.5e-2), ("Q5_1", 5e-2), ("Q4_0", 0.11),
                                            ("Q4_K", 9e-2), ("Q5_K", 4.5e-2), ("Q6_K", 2.5e-2)])
-def test_errors(type_name, rms):
+def test_errors(type_name, rms, path):
     """Dequantized by gguf-py: zeros stay zeros, and normal rows come back within the type's
     usual relative RMS error (median / worst of the 50 rows measured: Q8_0 5.4e-3 / 6.3e-3,
     Q5_0 4.3e-2 / 4.9e-2, Q5_1 3.8e-2 / 4.3e-2, Q4_0 8.6e-2 / 9.7e-2, Q4_K 7.1e-2 / 7.9e-2,
@@ -132,7 +150,7 @@ def awkward_gguf(tmp_path_factory):
 @needs_llama_cpp
 @pytest.mark.parametrize("type_name,ftype", [("Q8_0", 7), ("Q4_0", 2), ("Q5_0", 8), ("Q5_1", 9), ("Q4_K", 14),
                                              ("Q5_K", 16), ("Q6_K", 18)])
-def test_equal_to_llama_cpp(awkward_gguf, tmp_path, type_name, ftype):
+def test_equal_to_llama_cpp(awkward_gguf, tmp_path, type_name, ftype, path):
     """llama_model_quantize (pure: every weight in the one type) on the awkward rows: our
     blocks are llama.cpp's, byte for byte, row by row."""
     path, values = awkward_gguf
@@ -179,6 +197,8 @@ def float32_rows(n_random=1536, seed=2):
         "float32 subnormal scale": lambda: rng.standard_normal(32) * 1e-40,
         "1e-30": lambda: rng.standard_normal(32) * 1e-30,
         "1e6": lambda: rng.standard_normal(32) * 1e6,
+        "1e9 (f16 scales overflow, levels from inf)": lambda: rng.standard_normal(32) * 1e9,
+        "-1e8 + 1e3 noise (f16 dmin overflows, d not)": lambda: rng.standard_normal(32) * 1e3 - 1e8,
         "student t (heavy tails)": lambda: rng.standard_t(2, 32),
         "uniform": lambda: rng.uniform(-1, 1, 32),
         "ties: multiples of 1/64": lambda: rng.integers(-64, 64, 32) / 64,
@@ -205,31 +225,29 @@ ALL_TYPES = ["Q8_0", "Q4_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
 
 @needs_llama_cpp
 @pytest.mark.parametrize("type_name", ALL_TYPES)
-def test_equal_to_ggml_on_float32_rows(type_name):
-    """The torch quantizer on the CPU (worker threads, several chunks: the chunk size is
-    lowered so that 1700 rows make 27 chunks) against ggml's own, byte for byte, row by row."""
+def test_equal_to_ggml_on_float32_rows(type_name, path, monkeypatch):
+    """The CPU quantizer (worker threads, several chunks: the chunk size is lowered so that
+    1700 rows make 27 chunks) against ggml's own, byte for byte, row by row."""
     from nanolora import gguf_quantize
     names, values = float32_rows()
-    chunk = gguf_quantize.CHUNK_VALUES["cpu"]
-    gguf_quantize.CHUNK_VALUES["cpu"] = 1 << 14
-    try:
+    monkeypatch.setitem(gguf_quantize.CHUNK_VALUES, "cpu", 1 << 14)
+    monkeypatch.setitem(gguf_quantize.CHUNK_VALUES, "native", 1 << 14)
+    with torch_threads(2):
         ours = quantize(values, type_name)
-    finally:
-        gguf_quantize.CHUNK_VALUES["cpu"] = chunk
     theirs = ggml_quantize(values, type_name)
     differing = [name for name, a, b in zip(names, ours, theirs) if not np.array_equal(a, b)]
     assert not differing, (len(differing), differing[:5])
 
 
 @pytest.mark.parametrize("type_name", ALL_TYPES + ["F16", "BF16"])
-def test_no_rows(type_name):
+def test_no_rows(type_name, path):
     from nanolora.gguf_quants import row_bytes
     assert quantize(np.zeros((0, 256), np.float32), type_name).shape == (0, row_bytes(type_name, 256))
 
 
 @needs_llama_cpp
 @pytest.mark.parametrize("type_name", ALL_TYPES)
-def test_uneven_chunks_equal_to_ggml(type_name):
+def test_uneven_chunks_equal_to_ggml(type_name, path):
     """Rows that do not share out evenly into the threads' chunks (one block; 37 blocks on 2
     threads: chunks of 19 and 18) keep ggml's bytes."""
     values = (np.random.default_rng(4).standard_normal((37, 256)) * 0.02).astype(np.float32)
@@ -267,7 +285,7 @@ def test_cuda_equals_cpu_and_ggml(type_name):
 
 @needs_llama_cpp
 @pytest.mark.parametrize("type_name", ALL_TYPES)
-def test_equal_to_ggml_on_many_blocks(type_name):
+def test_equal_to_ggml_on_many_blocks(type_name, path):
     """8192 blocks of 256 weight-like values (normal, one scale per row from 1e-3 to 1): a
     difference that hits one block in 10^4 (torch's float32 sqrt is not correctly rounded on
     ~0.7% of inputs, which moved one Q4_K block in 10^4 before av_x's sqrt went to double)
