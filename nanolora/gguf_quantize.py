@@ -41,6 +41,10 @@ GROUP_MAX_EPS = 1e-15  # ggml-quants.c: a group whose largest |x| is below this 
 # subnormal intermediate). Blocks whose largest value is below 2^-100 (no real weight is) are
 # quantized on the CPU instead, far enough above the subnormals for every scale and product.
 TINY_BLOCK = 2.0 ** -100
+# Likewise blocks with a value past 2^20: there a K-quant's f16 scale can overflow to inf
+# (Q6_K's from ~2.1e6), and CUDA's kernels handled the infinities unlike the CPU and llama.cpp
+# (H200, tests/test_gguf_quants.py's 1e9 and -1e8 rows). No trained weight comes near.
+HUGE_BLOCK = 2.0 ** 20
 # values per chunk. CPU: large, because the worker threads' Python and torch dispatch between
 # ops hold the GIL, and on 2 threads they waited on each other more than they computed with
 # cache-sized chunks (quantize() on 2 threads, 2^17 -> 2^20 values: Q4_K 9.2 -> 14.9, Q6_K
@@ -85,11 +89,11 @@ def quantize(values, type_name: str, device=None) -> np.ndarray:
             getattr(native, f"nanolora_quantize_{type_name.lower()}")(part.data_ptr(), len(part), out[start].data_ptr())
             return
         result = _QUANTIZERS[type_name](part).cpu()
-        if part.is_cuda:  # blocks of float32-subnormal size go to the CPU (see TINY_BLOCK)
+        if part.is_cuda:  # blocks of float32-subnormal or huge size go to the CPU (see TINY_BLOCK, HUGE_BLOCK)
             amax = part.abs().amax(dim=1)
-            tiny = ((amax > 0) & (amax < TINY_BLOCK)).nonzero().flatten().cpu()
-            if len(tiny):
-                result[tiny] = _QUANTIZERS[type_name](part[tiny].cpu())
+            odd = (((amax > 0) & (amax < TINY_BLOCK)) | (amax >= HUGE_BLOCK)).nonzero().flatten().cpu()
+            if len(odd):
+                result[odd] = _QUANTIZERS[type_name](part[odd].cpu())
         out[start:start + step] = result
 
     starts = range(0, len(blocks), step)
