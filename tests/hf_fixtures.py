@@ -86,3 +86,13 @@ def randomize_lora(model, seed=0):
     with torch.no_grad():
         for p in lora_parameters(model):
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def lora_loss_and_grads(model, batch):
+    """The model's loss on `batch` (its keyword arguments) and the LoRA gradients, from zero."""
+    from nanolora.lora import lora_parameters
+    for p in lora_parameters(model):
+        p.grad = None
+    loss = model(**batch)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in lora_parameters(model)]

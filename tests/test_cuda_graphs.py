@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hf_fixtures import checkpoint_fixture, save_checkpoint
+from hf_fixtures import lora_loss_and_grads as loss_and_grads
 from nanolora import cuda_graphs, load_model, ops
 from nanolora.document_attention import find_documents
 from nanolora.lora import attach_lora, lora_parameters
@@ -17,14 +18,6 @@ CUDA = torch.cuda.is_available()
 # fixture: the checkpoint (transformers imports) is written before graphs_emulated patches torch.cuda.
 llama = checkpoint_fixture("llama")
 gemma2 = checkpoint_fixture("gemma2")
-
-
-def loss_and_grads(model, batch):
-    for p in lora_parameters(model):
-        p.grad = None
-    loss = model(**batch)
-    loss.backward()
-    return loss.detach(), [p.grad.clone() for p in lora_parameters(model)]
 
 
 def random_batch(g, batch, seq, vocab, padded_rows=0, packed=False):

@@ -7,10 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_fixtures import checkpoint_fixture, save_checkpoint
+from hf_fixtures import checkpoint_fixture, randomize_lora, save_checkpoint
+from hf_fixtures import lora_loss_and_grads as loss_and_grads
 from nanolora import cuda_graphs, load_model
 from nanolora.document_attention import Documents, attention, find_documents, supported
-from nanolora.lora import attach_lora, lora_parameters
+from nanolora.lora import attach_lora
 from nanolora.model import build_attention_mask
 
 CUDA = torch.cuda.is_available()
@@ -85,10 +86,7 @@ def test_mask_agrees_with_the_segment_mask_for_real_tokens(seed):
 def lora_model(path, dtype=torch.float32, device="cpu"):
     model, _ = load_model(path, device=device, dtype=dtype)
     attach_lora(model, "all", r=4, alpha=8)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in lora_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    randomize_lora(model)
     model.train()
     return model
 
@@ -104,14 +102,6 @@ def packed_batch(g, batch, seq, vocab):
             labels[r, start] = -100
     return {"input_ids": ids, "labels": labels, "attention_mask": (segments != 0).long(),
             "position_ids": positions, "segment_ids": segments}
-
-
-def loss_and_grads(model, batch):
-    for p in lora_parameters(model):
-        p.grad = None
-    loss = model(**batch)
-    loss.backward()
-    return loss.detach(), [p.grad.clone() for p in lora_parameters(model)]
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
