@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from nanolora import cli, cuda_graphs, distributed, full_finetune, load_model
-from nanolora.document_attention import find_documents
 from nanolora.cpu_threads import CPUThreads
 from nanolora.data import IGNORE, Batches, load_examples, pad_token_id, split_eval
 from nanolora.default_model import DEFAULT_MODEL, resolve_model
+from nanolora.document_attention import find_documents
 from nanolora.dynamic_4bit import choose_for_run, read_choice
 from nanolora.lora import attach_lora, lora_parameters, parse_targets, summary
 from nanolora.optim import OPTIMIZERS, make_optimizer

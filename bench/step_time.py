@@ -164,8 +164,9 @@ def main():
     args.lr = 1e-5 if args.full else 2e-4
     if args.system == "unsloth":
         import unsloth  # noqa: F401  (it must be imported before transformers to patch it)
-    setting = dict(system=args.system, weights="nf4" if args.nf4 else "bf16", batch=args.batch, seq=args.seq, docs=args.docs,
-                   full=args.full, optim=args.optim if args.system == "nanolora" else "adamw")
+    setting = dict(system=args.system, weights="nf4" if args.nf4 else "bf16", batch=args.batch, seq=args.seq,
+                   docs=args.docs, docs_masked=args.docs_masked, full=args.full,
+                   optim=args.optim if args.system == "nanolora" else "adamw")
     try:
         result = measure(args)
     except torch.OutOfMemoryError as e:

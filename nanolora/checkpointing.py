@@ -9,7 +9,8 @@ step runs forward and brings it back just before its block is recomputed.
 With `offload`, a block also keeps its attention output (and log-sum-exp) in CPU memory, so
 that its recompute need not run the attention forward again (nanolora/kept_attention.py):
 worth ~10% of an 8B step at 32k tokens, where the attention forward grows with the square of
-the length, for one more [batch, seq, hidden] copy each way per block.
+the length, for one more [batch, seq, hidden] copy each way per block, and as much pinned CPU
+memory again.
 
 How: torch.utils.checkpoint keeps a block's inputs as saved tensors, so they pass through the
 saved-tensor hooks active around the checkpoint call (inside the block, checkpoint's own hooks
@@ -27,8 +28,8 @@ take over). Around each block's call we install hooks that
   tensors, so that they arrive while this block is recomputed and differentiated.
 
 So at most two blocks' worth, and the block being differentiated, are on the GPU at a time.
-No host-device synchronisation: the
-streams wait on each other on the device, and nothing waits on a host-side event. That, the
+No host-device synchronisation: the streams wait on each other on the device, and nothing
+waits on a host-side event. That, the
 buffers kept from step to step and no record_stream (the allocator defers frees of recorded
 blocks while a CUDA graph is captured, which would keep every input) is also what lets a step
 with offloading be captured in a CUDA graph (nanolora/cuda_graphs.py). On a CPU there is
@@ -85,7 +86,7 @@ class _Offloaded:
 
     def __init__(self, slot, tensor):
         self.order = sorted(range(tensor.dim()), key=lambda d: -tensor.stride(d))
-        self.dense = tensor.detach().permute(self.order)  # until copied: the caller lets go of it
+        self.dense = tensor.detach().permute(self.order)  # the GPU original, until its copy is done
         self.slot, self.host = slot, slot.host(self.dense.shape, self.dense.dtype)
         self.gpu, self.fetched = None, 0
 
@@ -125,6 +126,10 @@ class BlockOffloads:
         for tensor in tensors:
             self.kept.append(self.offloader.offload(tensor, self.index, len(self.kept) + 1))
 
+    def holds_kept(self) -> bool:
+        """Whether keep() was given tensors the recompute has not taken back yet."""
+        return self.taken < len(self.kept)
+
     def take(self):
         """Called by the block's recompute: what the matching keep() was given, back on the GPU."""
         start, self.taken = self.taken, len(self.kept)
@@ -140,7 +145,9 @@ class BlockOffloader:
             _streams[device] = torch.cuda.Stream(device)
         self.stream = _streams[device]
         self.blocks = []
-        self.leaving = []  # (tensor, copy event): kept until the compute stream has waited for the copy
+        # (_Offloaded, block index) whose GPU original is kept until the compute stream has
+        # waited for its copy
+        self.leaving = []
 
     def block(self, block_input):
         """The offloads of the next block, whose input is block_input."""
@@ -150,10 +157,11 @@ class BlockOffloader:
     def _let_go(self, compute, but_block=None):
         """Let go of the tensors being copied out, but block `but_block`'s: the compute stream
         waits (on the device) for their copies, then their memory may be reused."""
-        for _, event, block in self.leaving:
+        for offloaded, block in self.leaving:
             if block != but_block:
-                compute.wait_event(event)
-        self.leaving = [entry for entry in self.leaving if entry[2] == but_block]
+                compute.wait_event(offloaded.slot.copied)
+                offloaded.dense = None
+        self.leaving = [(offloaded, block) for offloaded, block in self.leaving if block == but_block]
 
     def offload(self, tensor, block, position):
         """Start copying tensor, on the side stream, into the pinned buffer kept for the
@@ -169,8 +177,7 @@ class BlockOffloader:
         with torch.cuda.stream(self.stream):
             offloaded.host.copy_(offloaded.dense, non_blocking=True)
             offloaded.slot.copied.record(self.stream)
-        self.leaving.append((tensor, offloaded.slot.copied, block))
-        offloaded.dense = None
+        self.leaving.append((offloaded, block))
         return offloaded
 
     def _prefetch(self, offloaded, compute):
@@ -196,12 +203,14 @@ class BlockOffloader:
         return offloaded.back_in_layout(dense)
 
     def forward_done(self):
-        """Start bringing back the last block's tensors: the backward recomputes it first, right
-        after the loss (else it would wait for their copy then: 0.6 ms a step at 8B, 2 x 2048)."""
+        """The backward recomputes the last block first, right after the loss: hand it its
+        tensors as they still are on the GPU, where they wait for their copies to finish,
+        instead of copying them back then (it waited 0.6 ms a step for that at 8B, 2 x 2048)."""
         if self.blocks:
             compute = torch.cuda.current_stream(self.device)
             for offloaded in [self.blocks[-1].input, *self.blocks[-1].kept]:
-                self._prefetch(offloaded, compute)
+                offloaded.gpu = offloaded.dense
+                offloaded.slot.ready.record(compute)
 
     def bring_back(self, block):
         """Block's input, when the backward recomputes it; and start bringing back what comes

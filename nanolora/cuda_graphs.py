@@ -22,7 +22,9 @@ What the capture needs, and why each holds:
   octave apart: at most 25% more tokens, ~4 shapes per doubling of length). That is exact:
   padded positions carry no label (their loss and its gradient are zero) and, with causal
   attention, no real token attends to a later, padded one. Packed rows (--pack true) are
-  nearly full already, which is why train.py turns graphs on by itself only when packing;
+  nearly full already, which is why train.py turns graphs on by itself only when packing.
+  Their documents (nanolora/document_attention.py) are part of the shape too: their count
+  and longest length, each rounded up to a power of two (a few values in a run);
 - no host-device sync and no host-side state that changes between replays. The LoRA casts
   (ops.lora_weights_cast) are cached in Python between optimizer steps, so they are dropped
   before each capture (the graph recomputes them from the fp32 masters at every replay) and
@@ -86,13 +88,6 @@ def _shape(value):
     return None if value is None else value.key() if isinstance(value, Documents) else tuple(value.shape)
 
 
-def _copy_into(static, value):
-    if isinstance(value, Documents):
-        static.cu_seqlens.copy_(value.cu_seqlens, non_blocking=True)
-    else:
-        static.copy_(value, non_blocking=True)
-
-
 class GraphedMicroSteps:
     """Call with a micro-batch (a dict of train.py's batch fields, any device) and the factor
     its summed loss is multiplied by before backward; returns that summed loss (detached).
@@ -142,14 +137,15 @@ class GraphedMicroSteps:
             graph, static, loss = self.graphs[key]
             for k, v in batch.items():
                 if v is not None:
-                    _copy_into(static[k], v)
+                    static[k].copy_(v, non_blocking=True)
             graph.replay()
             return loss.clone()
         inputs = {k: None if v is None else v.to(self.device) for k, v in batch.items()}
         if len(self.graphs) >= MAX_GRAPHS:
             if not self.eager_shapes:
                 print(f"CUDA graphs: {MAX_GRAPHS} batch shapes captured; new ones run eagerly "
-                      "(--pack true makes rows one length)", file=sys.stderr)
+                      "(--pack true makes rows one length; each new power of two of a batch's documents, or of its "
+                      "longest one, is a shape too)", file=sys.stderr)
             self.eager_shapes += 1
             return self._micro_step(inputs)
         return self._capture(key, inputs)
@@ -163,8 +159,7 @@ class GraphedMicroSteps:
             self.grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
             for p, g in zip(self.params, self.grads):
                 p.grad = g
-        static = {k: v._replace(cu_seqlens=v.cu_seqlens.clone()) if isinstance(v, Documents) else v.clone()
-                  for k, v in inputs.items() if v is not None}
+        static = {k: v.clone() for k, v in inputs.items() if v is not None}
         static_inputs = {k: static.get(k) for k in inputs}
         graph = torch.cuda.CUDAGraph()
         preserve = self.model.preserve_rng_state

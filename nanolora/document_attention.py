@@ -19,7 +19,7 @@ padded queries attend to the padding before them instead of to themselves alone;
 outputs differ from the segment mask's, but carry no label and reach no real token, so the
 loss and gradients do not change.
 """
-from typing import NamedTuple
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -31,19 +31,30 @@ def _power_of_two_at_least(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-class Documents(NamedTuple):
+# A dataclass, not a NamedTuple: DDP and FSDP move the tensors inside tuples they are given
+# (with a blocking copy for CPU ones); they pass other objects through.
+@dataclasses.dataclass(frozen=True)
+class Documents:
     """The documents of a batch of packed rows, laid end to end: document i is tokens
     cu_seqlens[i] .. cu_seqlens[i + 1] - 1 of the rows flattened (row r, position t is token
     r * row_length + t). The count is rounded up to a power of two with empty documents at the
     end, and max_len (at least the longest document's length) too: a CUDA graph is captured per
-    (count, max_len), so they should take few values."""
+    (count, max_len), so they should take few values. As a graph's static input it is cloned and
+    copied into like a tensor (clone, copy_)."""
     cu_seqlens: torch.Tensor  # int32 [count + 1], on the device the batch is on
     max_len: int
     row_length: int
-    host_cu_seqlens: torch.Tensor  # the same on the CPU: padding rows (cuda_graphs) recomputes from it
+    host_cu_seqlens: torch.Tensor  # the same on the CPU: padding the rows (cuda_graphs) recomputes from it
 
     def to(self, device, non_blocking=False):
-        return self._replace(cu_seqlens=self.cu_seqlens.to(device, non_blocking=non_blocking))
+        return dataclasses.replace(self, cu_seqlens=self.cu_seqlens.to(device, non_blocking=non_blocking))
+
+    def clone(self):
+        return dataclasses.replace(self, cu_seqlens=self.cu_seqlens.clone())
+
+    def copy_(self, other, non_blocking=False):
+        """Other's offsets into these (a graph's static documents; the same count and max_len)."""
+        self.cu_seqlens.copy_(other.cu_seqlens, non_blocking=non_blocking)
 
     def key(self):
         return len(self.cu_seqlens), self.max_len
@@ -51,9 +62,10 @@ class Documents(NamedTuple):
     def padded(self, row_length: int) -> "Documents":
         """The documents once every row is right-padded to row_length tokens (the padding of a
         row is a document of its own)."""
-        rows = self.host_cu_seqlens[-1].item() // self.row_length
+        rows = int(self.host_cu_seqlens[-1]) // self.row_length
         ids = self.token_documents(self.host_cu_seqlens, rows * self.row_length).view(rows, self.row_length)
-        return find_documents(F.pad(ids, (0, row_length - self.row_length), value=-1)).to(self.cu_seqlens.device)
+        documents = find_documents(F.pad(ids, (0, row_length - self.row_length), value=-1))
+        return documents.to(self.cu_seqlens.device, non_blocking=True)  # from a fresh CPU tensor: no sync
 
     @staticmethod
     def token_documents(cu_seqlens, n_tokens):
@@ -70,24 +82,32 @@ class Documents(NamedTuple):
 
 
 def find_documents(segment_ids: torch.Tensor) -> Documents:
-    """The runs of equal id in each row of segment_ids [batch, seq] (on the CPU), in order."""
+    """The runs of equal id in each row of segment_ids [batch, seq] (on the CPU), in order.
+
+    A run is a document, so an id that comes back later in a row starts a new one (data.py
+    numbers a row's examples 1, 2, ... and its padding 0, so it never does; the segment mask,
+    model.build_attention_mask, would join the two)."""
     batch, seq = segment_ids.shape
     starts = torch.ones(batch, seq, dtype=torch.bool)
     starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
     starts = starts.flatten().nonzero().flatten()
     total = batch * seq
     lengths = torch.diff(starts, append=torch.tensor([total]))
-    cu = torch.full((_power_of_two_at_least(len(starts)) + 1,), total, dtype=torch.int32)
-    cu[:len(starts)] = starts
-    return Documents(cu, _power_of_two_at_least(int(lengths.max())), seq, cu)
+    cu_seqlens = torch.full((_power_of_two_at_least(len(starts)) + 1,), total, dtype=torch.int32)
+    cu_seqlens[:len(starts)] = starts
+    return Documents(cu_seqlens, _power_of_two_at_least(int(lengths.max())), seq, cu_seqlens)
+
+
+def covers(device, dtype, head_dim) -> bool:
+    """Whether flash attention's variable-length kernel takes such q/k/v: CUDA, 16-bit, an
+    Ampere or later GPU, head sizes a multiple of 8 up to 256, SDPA's flash backend not off."""
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0
+            and head_dim <= 256 and torch.backends.cuda.flash_sdp_enabled()
+            and torch.cuda.get_device_capability(device) >= (8, 0))
 
 
 def supported(q, k) -> bool:
-    """Whether flash attention's variable-length kernel takes these: CUDA, 16-bit, an Ampere
-    or later GPU, head sizes a multiple of 8 up to 256, SDPA's flash backend not turned off."""
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype
-            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256 and torch.backends.cuda.flash_sdp_enabled()
-            and torch.cuda.get_device_capability(q.device) >= (8, 0))
+    return k.dtype == q.dtype and covers(q.device, q.dtype, q.shape[-1])
 
 
 class _VariableLengthAttention(torch.autograd.Function):
@@ -95,20 +115,28 @@ class _VariableLengthAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_len, scale):
-        out, lse, rng_state, _, _ = aten._flash_attention_forward(
+        # dropout is 0: the philox state the kernel returns is never read (the offset it gives
+        # back is empty, as its backward then takes it)
+        out, lse, philox_seed, _, _ = aten._flash_attention_forward(
             q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, False, scale=scale)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, rng_state)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, philox_seed)
         ctx.max_len, ctx.scale = max_len, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, cu_seqlens, rng_state = ctx.saved_tensors
-        unused = torch.empty(0, device=q.device)
+        q, k, v, out, lse, cu_seqlens, philox_seed = ctx.saved_tensors
+        no_offset = torch.empty(0, device=q.device)
         dq, dk, dv = aten._flash_attention_backward(
             dout.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens, ctx.max_len, ctx.max_len, 0.0, True,
-            rng_state, unused, scale=ctx.scale)
+            philox_seed, no_offset, scale=ctx.scale)
         return dq, dk, dv, None, None, None
+
+
+def _as_tokens(t):
+    """[batch, heads, seq, dim] (a view of [batch, seq, heads, dim]) -> [batch * seq, heads, dim], no copy."""
+    batch, heads, seq, dim = t.shape
+    return t.transpose(1, 2).reshape(batch * seq, heads, dim)
 
 
 def attention(q, k, v, documents: Documents, scale=None):
@@ -116,7 +144,6 @@ def attention(q, k, v, documents: Documents, scale=None):
     seq, dim] (model.py's views of [batch, seq, heads, dim] projections: flattening them to
     the kernel's [tokens, heads, dim] copies nothing)."""
     batch, heads, seq, dim = q.shape
-    tokens = lambda t: t.transpose(1, 2).reshape(batch * seq, t.shape[1], dim)  # noqa: E731
-    out = _VariableLengthAttention.apply(tokens(q), tokens(k), tokens(v), documents.cu_seqlens,
+    out = _VariableLengthAttention.apply(_as_tokens(q), _as_tokens(k), _as_tokens(v), documents.cu_seqlens,
                                          documents.max_len, scale)
     return out.view(batch, seq, heads, dim).transpose(1, 2)

@@ -7,8 +7,8 @@ per-row log-sum-exp of the scores (what flash-style kernels save). q, k and v ar
 recompute (a GEMM on the block's input), the output is not: it is the attention forward itself,
 whose cost grows with the square of the sequence, a third of attention's time and ~10% of an
 8B step at 32k tokens (bench/run.py). So the first forward hands its output and log-sum-exp to
-a keeper (nanolora/checkpointing.py: the output goes to CPU memory beside the block's input,
-the log-sum-exp, 1/64 of its size at head_dim 128, stays), and the recompute takes them back
+a keeper (nanolora/checkpointing.py: both go to CPU memory beside the block's input; the
+log-sum-exp is 1/64 of the output's size at head_dim 128), and the recompute takes them back
 instead of running the kernel:
 
     forward pass:  out, lse = attention_forward(q, k, v)          keeper.keep(out, lse)
@@ -21,11 +21,12 @@ dS = P * (dP - rowsum(dout * out)), dq = dS k * scale, dk = dS^T q * scale, the 
 out came from this forward or the first. So the gradients equal those of recomputing: same
 kernels, same bytes (tests/test_checkpointing.py, tests/test_kept_attention.py).
 
-The kernels are cuDNN's fused attention on CUDA (what SDPA runs for plain causal attention on
-Hopper; grouped-query heads natively) and PyTorch's flash kernel on the CPU, called through
-their aten ops, which return the log-sum-exp that SDPA's public function does not.
+The kernels are cuDNN's fused attention on CUDA (grouped-query heads natively) and PyTorch's
+flash kernel on the CPU, called through their aten ops, which return the log-sum-exp that
+SDPA's public function does not; the path runs only where SDPA would pick the same kernel.
 """
 import torch
+from torch.nn.attention import SDPBackend
 
 aten = torch.ops.aten
 
@@ -36,16 +37,14 @@ aten = torch.ops.aten
 MIN_LENGTH = 4096
 
 
-def supported(q, k, v) -> bool:
+def supported(q, k, v, scale=None) -> bool:
     """Whether this path covers the case and pays: plain causal attention over at least
-    MIN_LENGTH tokens, on the CPU or where SDPA would run cuDNN's kernel for it (Hopper-class
-    GPUs with cuDNN; head sizes it takes)."""
-    if q.shape[2] < MIN_LENGTH:
+    MIN_LENGTH tokens, where SDPA would run the very kernel called here (cuDNN's on CUDA, as it
+    does on Hopper; PyTorch's flash kernel on the CPU), so that keeping changes no bytes."""
+    if q.shape[2] < MIN_LENGTH or q.device.type not in ("cuda", "cpu"):
         return False
-    if not q.is_cuda:
-        return q.device.type == "cpu"
-    params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, True, q.shape[1] != k.shape[1])
-    return torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.can_use_cudnn_attention(params)
+    choice = torch._fused_sdp_choice(q, k, v, None, 0.0, True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return choice == (SDPBackend.CUDNN_ATTENTION if q.is_cuda else SDPBackend.FLASH_ATTENTION).value
 
 
 def attention_forward(q, k, v, scale):

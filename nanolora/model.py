@@ -229,8 +229,8 @@ class Transformer(nn.Module):
             ops.rope_cos_sin(self.rope_local_inv_freq, position_ids, x.dtype)
         inputs = {}
         for sliding in {block.self_attn.sliding for block in self.layers}:
-            if documents is not None and not sliding:  # packed rows: attention within documents, no mask
-                mask = documents
+            if documents is not None and not sliding:  # packed rows: attention within documents
+                mask = ops.documents_or_mask(documents, x, self.config.head_dim, self.config.attn_logit_softcapping)
             else:
                 mask = build_attention_mask(batch, seq, kv_len, device, q_start=cache_start,
                                             key_padding=attention_mask, segment_ids=segment_ids,

@@ -376,16 +376,27 @@ def attention(q, k, v, mask, scale=None, softcap=None):
     attention keeps its output for the recompute instead of computing it twice
     (nanolora/kept_attention.py; same kernels, same bytes).
     """
-    if isinstance(mask, document_attention.Documents):
-        if _kernels_enabled and softcap is None and document_attention.supported(q, k):
+    if isinstance(mask, document_attention.Documents):  # as documents_or_mask hands them over
+        if softcap is None and document_attention.supported(q, k):
             return document_attention.attention(q, k, v, mask, scale)
         mask = mask.mask(q.shape[0], q.shape[2])
     if softcap is not None:
         return attention_reference(q, k, v, mask, scale, softcap)
-    if _keeper is not None and mask is None and _kernels_enabled and kept_attention.supported(q, k, v):
+    # the recompute does what the forward did (the switches supported() reads could change between)
+    if _keeper is not None and mask is None and (
+            _keeper.holds_kept() if _recomputing else _kernels_enabled and kept_attention.supported(q, k, v, scale)):
         return kept_attention.KeptAttention.apply(q, k, v, scale, _keeper, _recomputing)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
                                           enable_gqa=q.shape[1] != k.shape[1])
+
+
+def documents_or_mask(documents, x, head_dim, softcap=None):
+    """What packed rows' full-attention layers get as `mask` (x: the hidden states [batch, seq,
+    hidden]): the documents themselves where flash attention's variable-length kernel will run,
+    else the reference's boolean mask, built here once for all the layers."""
+    if _kernels_enabled and softcap is None and document_attention.covers(x.device, compute_dtype(x), head_dim):
+        return documents
+    return documents.mask(x.shape[0], x.shape[1])
 
 
 # ----------------------------------------------------------------------------- MLP

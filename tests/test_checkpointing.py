@@ -139,9 +139,11 @@ def test_offload_hooks_on_cpu_with_streams_stubbed(model_and_batch, monkeypatch,
     # offloader the last block's tensors, until the compute stream has waited for their copies
     assert len(block_inputs) == n_blocks
     assert not any(ref() is not None for ref in block_inputs[:-1])
-    leaving = offloaders[-1].leaving
-    assert [block for _, _, block in leaving] == [n_blocks - 1] * 3 and leaving[0][0] is block_inputs[-1]()
-    del loss, leaving
+    leaving, last = offloaders[-1].leaving, offloaders[-1].blocks[-1]
+    assert [offloaded for offloaded, _ in leaving] == [last.input, *last.kept]
+    # and the forward's end handed them to the last block's recompute, which comes first
+    assert all(o.gpu is o.dense is not None for o in [last.input, *last.kept])
+    del loss, leaving, last
     offloaders.clear()
     forwards.clear()
     torch.manual_seed(3)
@@ -189,9 +191,16 @@ def test_offload_host_buffers_grow_to_the_longest_input(model_and_batch, monkeyp
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("nf4", [False, True], ids=["bf16", "nf4"])
-def test_offload_equals_true_on_gpu_and_saves_memory(tmp_path, nf4):
-    """The same gradients (same kernels, same bytes); the peak drops by most of the block inputs."""
+@pytest.mark.parametrize("nf4,kept", [(False, False), (True, False), (True, True)], ids=["bf16", "nf4", "nf4-kept"])
+def test_offload_equals_true_on_gpu_and_saves_memory(tmp_path, monkeypatch, nf4, kept):
+    """The same gradients (same kernels, same bytes); the peak drops by most of the block inputs.
+    kept: the attention outputs offloaded too, and taken back by the recompute (kept_attention,
+    made to run at this length)."""
+    from nanolora import kept_attention
+    monkeypatch.setattr(kept_attention, "MIN_LENGTH", 0 if kept else 10 ** 9)
+    forwards = []
+    real_forward = kept_attention.attention_forward
+    monkeypatch.setattr(kept_attention, "attention_forward", lambda *a: forwards.append(1) or real_forward(*a))
     save_checkpoint(tmp_path, "llama", num_hidden_layers=8, hidden_size=256, intermediate_size=512)
     model, _ = load_model(tmp_path, device="cuda", dtype=torch.bfloat16, load_in_4bit=nf4)
     attach_lora(model, "all", r=8, alpha=16)
@@ -208,6 +217,7 @@ def test_offload_equals_true_on_gpu_and_saves_memory(tmp_path, nf4):
         results.append((loss, grads, torch.cuda.max_memory_allocated() - base))
     # the second `true` run's peak: the first one's includes one-time workspaces
     (loss_t2, grads_t2, _), (loss_o, grads_o, peak_o), (loss_t, grads_t, peak_t) = results
+    assert len(forwards) == (8 if kept else 0)  # offload's forward pass kept them; its recompute ran none
 
     def worst(a, b):  # relative to each tensor's largest gradient
         # (LoRA A's gradient is exactly zero while B is: 0 / 0 must read 0, not NaN)

@@ -31,11 +31,12 @@ def random_batch(g, batch, seq, vocab, padded_rows=0, packed=False):
         for row in range(padded_rows):  # right padding of different lengths
             mask[row, seq - 2 - 3 * row:] = 0
             labels[row, seq - 2 - 3 * row:] = -100
-        if packed:  # two examples in row 0
+        if packed:  # two examples in row 0, split anywhere in its middle half (so a graph's documents change)
+            split = int(torch.randint(seq // 4, 3 * seq // 4, (1,), generator=g))
             segment_ids = mask.clone()
-            segment_ids[0, seq // 2:] *= 2
-            position_ids[0, seq // 2:] -= seq // 2
-            labels[0, seq // 2] = -100
+            segment_ids[0, split:] *= 2
+            position_ids[0, split:] -= split
+            labels[0, split] = -100
     return {"input_ids": ids, "labels": labels, "attention_mask": mask, "position_ids": position_ids,
             "segment_ids": segment_ids}
 

@@ -125,6 +125,15 @@ def test_model_with_documents_gives_the_segment_masks_loss_and_gradients(llama, 
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * b.abs().max().item())
 
 
+def test_ddp_and_fsdp_leave_documents_alone():
+    """DDP and FSDP move the tensors they find in a forward's arguments, inside tuples too, and
+    a CPU tensor with a blocking copy; Documents (a dataclass) keeps its host offsets where they are."""
+    from torch.distributed.utils import _recursive_to
+    docs = find_documents(torch.tensor([[1, 1, 2, 0]]))
+    (moved,), = _recursive_to(({"documents": docs},), torch.device("meta"), False)
+    assert moved["documents"] is docs
+
+
 def test_train_to_device_finds_the_documents():
     from train import to_device
     segments = torch.tensor([[1, 1, 2, 2, 2, 0]])
