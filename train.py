@@ -267,8 +267,7 @@ def main(argv=None):
 
     # --- optimizer and schedule: linear warmup, then linear or cosine decay to zero
     params = full_finetune.trainable_parameters(model) if s.full else lora_parameters(model)  # after parallelize: FSDP2 makes them DTensors
-    optimizer = full_finetune.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, seed=s.seed) if s.full and s.optim == "adamw" \
-        else make_optimizer(params, s.optim, s.lr, s.weight_decay, device, seed=s.seed)
+    optimizer = make_optimizer(params, s.optim, s.lr, s.weight_decay, device, seed=s.seed, full=s.full)
 
     graphed = None if graphs_off else cuda_graphs.GraphedMicroSteps(model, params, amp_dtype, scaler)
     print("CUDA graphs: " + ("on" if graphed else f"off ({graphs_off})") + f"; gradient checkpointing: {model.grad_checkpointing}")

@@ -51,10 +51,7 @@ def nanolora_setup(path, args):
     auto = "offload" if not graphs_off else True
     model.grad_checkpointing = {"true": True, "offload": "offload", "auto": auto}[args.checkpointing]
     model.train()
-    if args.full and args.optim == "adamw":  # train.py's choice for --full true
-        optimizer = full_finetune.AdamW(params, lr=args.lr)
-    else:
-        optimizer = make_optimizer(params, args.optim, args.lr, 0.0, device)
+    optimizer = make_optimizer(params, args.optim, args.lr, 0.0, device, full=args.full)  # as train.py
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
     no_scaling = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling
     graphed = None if graphs_off else cuda_graphs.GraphedMicroSteps(model, params, torch.bfloat16, no_scaling)

@@ -12,9 +12,16 @@ from nanolora.adamw_8bit import AdamW8bit
 OPTIMIZERS = ("adamw", "adamw_8bit")
 
 
-def make_optimizer(params, name: str, lr: float, weight_decay: float, device: torch.device, seed: int = 0):
+def make_optimizer(params, name: str, lr: float, weight_decay: float, device: torch.device, seed: int = 0,
+                   full: bool = False):
     """The optimizer ``name`` over ``params``; betas (0.9, 0.999) and eps 1e-8 for both.
-    ``seed``: of adamw_8bit's stochastic rounding noise."""
+    ``seed``: of the stochastic rounding noise (adamw_8bit's, full fine-tuning's).
+    ``full``: every weight trains (train.py --full true). `adamw` is then full_finetune.AdamW:
+    16-bit weights with fp32 moments, each update rounded stochastically, as torch's AdamW on a
+    bf16 weight would lose every update below its resolution."""
+    if name == "adamw" and full:
+        from nanolora.full_finetune import AdamW
+        return AdamW(params, lr=lr, weight_decay=weight_decay, seed=seed)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
     if name == "adamw_8bit":
