@@ -228,9 +228,11 @@ def main(argv=None):
     t0 = time.time()
     with distributed.main_first():  # one download or conversion, not one per rank
         path = full_finetune.resume_source(resume_folder) if s.full and s.resume else resolve_model(s.model)
-    choice = None  # dynamic 4-bit: the projections kept 16-bit, the resumed run's or measured now
-    if s.load_in_4bit == "dynamic":
-        choice = read_choice(resume_folder, required=True) if s.resume else choose_for_run(path, s, device, amp_dtype)
+    choice = loaded = None  # dynamic 4-bit: the projections kept 16-bit, the resumed run's or measured now
+    if s.load_in_4bit == "dynamic" and s.resume:
+        choice = read_choice(resume_folder, required=True)
+    elif s.load_in_4bit == "dynamic":  # measured on the run's data, loaded once for both
+        choice, loaded = choose_for_run(path, s, device, amp_dtype)
     model, tokenizer = load_model(path, device=distributed.load_device(device, s.parallel, s.load_in_4bit),
                                   dtype=full_finetune.weights_dtype(amp_dtype) if s.full else amp_dtype,
                                   load_in_4bit=bool(s.load_in_4bit), skip_modules=choice and choice.modules)
@@ -255,7 +257,7 @@ def main(argv=None):
     train_model = distributed.parallelize(model, s.parallel)  # DDP around it, or sharded in place
 
     # --- data
-    examples, stats = load_examples(s.data, tokenizer, s.seq_len, s.train_on_prompt, s.data_split)
+    examples, stats = loaded or load_examples(s.data, tokenizer, s.seq_len, s.train_on_prompt, s.data_split)
     print(stats)
     train_examples, eval_examples = split_eval(examples, s.eval_size, s.seed)
     pad_id = pad_token_id(tokenizer)

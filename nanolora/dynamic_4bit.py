@@ -198,21 +198,21 @@ def measure_and_choose(path, batch, budget, device, dtype) -> Dynamic4bitChoice:
     return choose(scores, extra, nf4_bytes, budget)
 
 
-def choose_for_run(path, settings, device, dtype) -> Dynamic4bitChoice:
+def choose_for_run(path, settings, device, dtype):
     """train.py's choice: measured on a fixed sample of the run's training rows (the held-out
-    ones left out exactly as train.py splits them), printed."""
+    ones left out exactly as train.py splits them), printed. Returns (the choice, what
+    load_examples gave), so that train.py does not read and tokenize the data again."""
     from nanolora.data import load_examples, pad_token_id, split_eval
     from nanolora.load import load_tokenizer
     tokenizer = load_tokenizer(path)
-    examples, _ = load_examples(settings.data, tokenizer, settings.seq_len, settings.train_on_prompt,
-                                settings.data_split)
-    train_examples, _ = split_eval(examples, settings.eval_size, settings.seed)
+    loaded = load_examples(settings.data, tokenizer, settings.seq_len, settings.train_on_prompt, settings.data_split)
+    train_examples, _ = split_eval(loaded[0], settings.eval_size, settings.seed)
     batch = calibration_batch(train_examples, pad_token_id(tokenizer), settings.seed)
     choice = measure_and_choose(path, batch, settings.dynamic_budget, device, dtype)
     print(f"measured NF4 output error of every projection on {int(batch['attention_mask'].sum())} tokens "
           f"of {len(batch['input_ids'])} training rows")
     print(choice.describe())
-    return choice
+    return choice, loaded
 
 
 # ----------------------------------------------------------------------------- the record

@@ -146,7 +146,13 @@ def no_measuring(monkeypatch):
 
 
 def test_train_records_choice_and_reloads_identically(planted, tmp_path, monkeypatch, capsys):
+    from nanolora import data
+    loads, real_load = [], data.load_examples
+    counting = lambda *args, **kwargs: loads.append(args[0]) or real_load(*args, **kwargs)  # noqa: E731
+    monkeypatch.setattr(data, "load_examples", counting)  # what choose_for_run imports
+    monkeypatch.setattr(train, "load_examples", counting)
     model = train.main(train_args(planted, tmp_path / "out"))
+    assert len(loads) == 1  # the data read and tokenized once, for the choice and the training
     printed = capsys.readouterr().out
     kept = [name for name, m in model.named_modules() if name.endswith("_proj")
             and not isinstance(m.weight, NF4Weight)]
