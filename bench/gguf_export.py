@@ -13,7 +13,7 @@ process, with the same number of threads:
 
     nanolora   export.py --base f16.gguf --adapter adapter --format gguf --quant Q [--device D]
                (read the f16 file, attach and merge the adapter, quantize, write)
-    llama.cpp  llama_model_quantize(f16.gguf, ftype, nthread) through llama-cpp-python
+    llama.cpp  llama_model_quantize(f16.gguf, ftype, nthread, pure for the single types) through llama-cpp-python
                (read, quantize, write)
 
 and prints one row per quant: the wall seconds of each (best of --repeat), their ratio, and
@@ -34,7 +34,7 @@ FTYPES = {"q4_k_m": 15, "q4_k": 14, "q6_k": 18, "q8_0": 7, "q4_0": 2}  # llama.c
 LLAMA_CPP = """
 import ctypes, sys, llama_cpp
 params = llama_cpp.llama_model_quantize_default_params()
-params.ftype, params.nthread = int(sys.argv[3]), int(sys.argv[4])
+params.ftype, params.nthread, params.pure = int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "pure"
 assert llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(params)) == 0
 """
 
@@ -121,7 +121,10 @@ def main():
                   "--quant", quant, "--out", ours, "--force"] + (["--device", args.device] if args.device else [])
         row = dict(quant=quant, nanolora=min(timed(export, env) for _ in range(args.repeat)))
         if not args.no_llama_cpp:
-            command = [sys.executable, "-c", LLAMA_CPP, f16, theirs, str(FTYPES[quant]), str(args.threads)]
+            # nanolora's single types put every 2-D weight in that type, as llama.cpp's "pure" mode
+            # does (without it, llama.cpp's q4_0 stores output.weight in Q6_K); q4_k_m is the mix
+            command = [sys.executable, "-c", LLAMA_CPP, f16, theirs, str(FTYPES[quant]), str(args.threads),
+                       "mix" if quant == "q4_k_m" else "pure"]
             row["llama_cpp"] = min(timed(command) for _ in range(args.repeat))
             row["identical"] = "%d/%d" % same_tensors(ours, theirs)
         rows.append(row)
