@@ -106,10 +106,6 @@ def covers(device, dtype, head_dim) -> bool:
             and torch.cuda.get_device_capability(device) >= (8, 0))
 
 
-def supported(q, k) -> bool:
-    return k.dtype == q.dtype and covers(q.device, q.dtype, q.shape[-1])
-
-
 class _VariableLengthAttention(torch.autograd.Function):
     """Causal attention within documents; q [tokens, heads, dim], k/v [tokens, kv_heads, dim]."""
 

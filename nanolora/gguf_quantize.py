@@ -16,7 +16,8 @@ order it does them, so the results are the same floats:
   into `t * (1/63)`, which rounds differently;
 - sqrtf is taken in double and rounded to float32 (torch's float32 sqrt is not always
   correctly rounded on the CPU);
-- `nearest_int` (add 1.5 * 2^23, keep the low bits) rounds half to even: torch.round. C's
+- `nearest_int` (add 1.5 * 2^23, keep the low bits) rounds half to even: torch.round where
+  the values are finite and small, _nearest_int's same bit trick where they may not be. C's
   `roundf` (Q8_0) rounds halves away from zero: trunc(x) + trunc(2 * (x - trunc(x))), exact.
 
 On CUDA each op is its own IEEE float32 kernel, so the GPU gives the same bytes (tests/
@@ -49,8 +50,8 @@ HUGE_BLOCK = 2.0 ** 20
 # ops hold the GIL, and on 2 threads they waited on each other more than they computed with
 # cache-sized chunks (quantize() on 2 threads, 2^17 -> 2^20 values: Q4_K 9.2 -> 14.9, Q6_K
 # 15.8 -> 24.7, Q8_0 290 -> 450 M values/s; a chunk's temporaries then live in L3, not L2).
-# A tensor is cut into equal chunks, a multiple of the threads in number. CUDA: large, so that each kernel
-# has millions of values to work on.
+# A tensor is cut into equal chunks, a multiple of the threads in number. CUDA: large, so that
+# each kernel has millions of values to work on.
 # Native (C) chunks: small, as each call is one C loop without temporaries and releases the GIL;
 # 2^16 values is 256 KB of float32 (in L2), and a tensor of 10^7 values makes ~150 chunks, so the
 # threads end together.
@@ -331,8 +332,8 @@ def _nearest_int(x):
 
 
 def _nearest_uint8(x):
-    """C's `uint8_t ls = nearest_int(x)`: rounded half to even, then wrapped modulo 256."""
-    return (torch.round(x).to(torch.int64) & 0xFF).to(torch.uint8)
+    """C's `uint8_t ls = nearest_int(x)`: _nearest_int, wrapped modulo 256."""
+    return (_nearest_int(x) & 0xFF).to(torch.uint8)
 
 
 def _k_quant_with_mins(x, nmax, rmin, nstep):

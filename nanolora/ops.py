@@ -368,18 +368,16 @@ def attention(q, k, v, mask, scale=None, softcap=None):
     scale: the factor on q k^T (default head_dim ** -0.5). softcap: Gemma 2's cap on the
     scores; SDPA cannot apply it, so capped attention runs attention_reference.
 
-    mask may also be the Documents of packed rows (nanolora/document_attention.py): causal
-    attention within each document, by flash attention's variable-length kernel, or the
-    reference's boolean mask built from them.
+    mask may also be the Documents of packed rows (nanolora/document_attention.py), handed
+    over by documents_or_mask only where flash attention's variable-length kernel covers them:
+    causal attention within each document, by that kernel.
 
     In a checkpointed block whose offloads keep tensors (checkpoint_contexts), plain causal
     attention keeps its output for the recompute instead of computing it twice
     (nanolora/kept_attention.py; same kernels, same bytes).
     """
-    if isinstance(mask, document_attention.Documents):  # as documents_or_mask hands them over
-        if softcap is None and document_attention.supported(q, k):
-            return document_attention.attention(q, k, v, mask, scale)
-        mask = mask.mask(q.shape[0], q.shape[2])
+    if isinstance(mask, document_attention.Documents):  # documents_or_mask found the kernel covers them
+        return document_attention.attention(q, k, v, mask, scale)
     if softcap is not None:
         return attention_reference(q, k, v, mask, scale, softcap)
     # the recompute does what the forward did (the switches supported() reads could change between)
