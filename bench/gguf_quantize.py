@@ -10,6 +10,7 @@ llama.cpp on one thread (llama_model_quantize shares rows out to its threads the
 times the thread count is its best case). Values: normal, 0.02 scale (weight-like).
 """
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -42,10 +43,9 @@ def main():
     torch.set_num_threads(args.threads)
     x = torch.randn(*args.shape, generator=torch.Generator().manual_seed(0)) * 0.02
     flat = x.numpy()
-    try:
+    ggml_quantize = None  # llama.cpp's own, through llama-cpp-python (a test-only reference), if installed
+    if importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("gguf"):
         from test_gguf_quants import ggml_quantize
-    except ImportError:  # llama-cpp-python (a test-only reference) not installed
-        ggml_quantize = None
     lib = gguf_native.library()
     print(f"{args.threads} threads, tensor {tuple(x.shape)}, load average {os.getloadavg()[0]:.2f}; M values/s")
     print("| type | native quantize() | native, 1 call, 1 thread | torch quantize() | llama.cpp, 1 thread |")

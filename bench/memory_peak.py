@@ -31,6 +31,7 @@ def main():
     parser.add_argument("--rows", type=int, default=15)
     args = parser.parse_args()
     args.device, args.full, args.optim, args.lr, args.graphs = "cuda", False, "adamw", 2e-4, "false"  # replays allocate nothing
+    args.docs, args.docs_masked = 1, False  # unpacked rows
     vocab, step, _ = nanolora_setup(args.checkpoint, args)
     ids = torch.randint(0, vocab, (args.batch, args.seq), device="cuda")
     for _ in range(2):

@@ -3,6 +3,7 @@ and gguf.quants, following llama.cpp's convert_hf_to_gguf.py (names, q/k permuta
 tokenizer metadata). This is the reference side of the GGUF tests: nothing here comes from
 nanolora.
 """
+import contextlib
 import json
 from pathlib import Path
 
@@ -191,3 +192,14 @@ def rewrite_gguf(src, dst, extra_kv=(), replace_tensors=None):
     writer.write_tensors_to_file()
     writer.close()
     return dst
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """torch on n CPU threads inside the block (the quantizers share chunks out to them)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -334,7 +334,7 @@ def test_make_optimizer():
     p = [torch.nn.Parameter(torch.randn(3))]
     assert type(make_optimizer(p, "adamw", 1e-3, 0.0, torch.device("cpu"))) is torch.optim.AdamW
     assert type(make_optimizer(p, "adamw_8bit", 1e-3, 0.0, torch.device("cpu"))) is AdamW8bit
-    from nanolora import full_finetune  # full fine-tuning: adamw rounds stochastically, adamw_8bit as it is
+    # full fine-tuning: adamw rounds stochastically, adamw_8bit is as it is
     assert type(make_optimizer(p, "adamw", 1e-3, 0.0, torch.device("cpu"), full=True)) is full_finetune.AdamW
     assert type(make_optimizer(p, "adamw_8bit", 1e-3, 0.0, torch.device("cpu"), full=True)) is AdamW8bit
     with pytest.raises(ValueError, match="--optim 'sgd' is not one of adamw, adamw_8bit"):

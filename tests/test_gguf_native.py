@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from gguf_fixtures import torch_threads
 from nanolora import gguf_native
 from nanolora.gguf_quantize import quantize
 
@@ -22,6 +23,20 @@ def fresh(monkeypatch, tmp_path):
     monkeypatch.delenv("NANOLORA_NATIVE", raising=False)
     monkeypatch.delenv("CC", raising=False)
     return tmp_path / "nanolora"
+
+
+@pytest.fixture(scope="module")
+def built_library(tmp_path_factory):
+    """The library, compiled once for the module in a cache folder of its own."""
+    folder = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf_native, "_loaded", {})
+        mp.setenv("XDG_CACHE_HOME", str(folder))
+        mp.delenv("NANOLORA_NATIVE", raising=False)
+        mp.delenv("CC", raising=False)
+        assert gguf_native.library() is not None
+    [library] = (folder / "nanolora").glob("*.so")
+    return library
 
 
 def distributions(n_rows=512, seed=11):
@@ -49,9 +64,7 @@ def test_native_equals_torch(type_name, monkeypatch):
     assert gguf_native.library() is not None
     from nanolora import gguf_quantize
     monkeypatch.setitem(gguf_quantize.CHUNK_VALUES, "native", 1 << 13)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         for name, values in distributions().items():
             monkeypatch.delenv("NANOLORA_NATIVE", raising=False)
             native = quantize(values, type_name)
@@ -59,8 +72,6 @@ def test_native_equals_torch(type_name, monkeypatch):
             reference = quantize(values, type_name)
             differing = (native != reference).any(axis=1).nonzero()[0]
             assert not len(differing), (name, len(differing), differing[:5])
-    finally:
-        torch.set_num_threads(before)
 
 
 @needs_cc
@@ -129,12 +140,11 @@ def test_compile_error_is_one_line(fresh, monkeypatch, tmp_path, capsys):
 
 @needs_cc
 @pytest.mark.parametrize("damage", ["truncated", "one byte changed", "not a library", "empty"])
-def test_damaged_cache_is_rebuilt(fresh, monkeypatch, tmp_path, capsys, damage):
+def test_damaged_cache_is_rebuilt(fresh, built_library, monkeypatch, tmp_path, capsys, damage):
     """A cached library that does not load (half written by a crash, overwritten) is compiled
     again, not trusted. (Built in one cache folder, damaged in another: a process dlopens a
     path once, and would hand back the copy it already holds.)"""
-    assert gguf_native.library() is not None
-    [good] = fresh.glob("*.so")
+    good = built_library
     damaged = tmp_path / "other" / "nanolora" / good.name
     damaged.parent.mkdir(parents=True)
     changed = bytearray(good.read_bytes())

@@ -3,10 +3,9 @@
 Oracles: gguf-py's numpy quantizers where it has them (F16, BF16, Q8_0, Q4_0, Q5_0, Q5_1) and its
 dequantizers for all; llama.cpp's own quantizers (llama_model_quantize through
 llama-cpp-python) for every type, on a GGUF whose one weight holds the rows below.
-Tests that take a `path` run twice: on the CPU's native quantizer (nanolora/gguf_quantize.c)
+Tests that take a `quantizer` run twice: on the CPU's native quantizer (nanolora/gguf_quantize.c)
 and on the torch one that is its reference (NANOLORA_NATIVE=0).
 """
-import contextlib
 import shutil
 
 import numpy as np
@@ -15,7 +14,7 @@ import torch
 
 import gguf
 from export_fixtures import llama_cpp_quantize, needs_llama_cpp
-from gguf_fixtures import rewrite_gguf
+from gguf_fixtures import rewrite_gguf, torch_threads
 from hf_fixtures import save_checkpoint
 from nanolora import gguf_native, load_model
 from nanolora.gguf_quantize import quantize
@@ -26,7 +25,7 @@ COLS = 256  # one K-quant block, eight 32-blocks per row
 
 
 @pytest.fixture(params=["native", "torch"])
-def path(request, monkeypatch):
+def quantizer(request, monkeypatch):
     """Which CPU quantizer quantize() runs: the C one (needs a C compiler: where `cc` exists it
     must build) or the torch one."""
     if request.param == "torch":
@@ -67,7 +66,7 @@ def awkward_rows():
 
 
 @pytest.mark.parametrize("type_name", ["F16", "BF16", "Q8_0", "Q4_0", "Q5_0", "Q5_1"])
-def test_equal_to_gguf_py(type_name, path):
+def test_equal_to_gguf_py(type_name, quantizer):
     rows = awkward_rows()
     values = np.stack([row for name, row in rows.items() if name != "negative zeros"])
     qtype = gguf.GGMLQuantizationType[type_name]
@@ -105,7 +104,7 @@ def test_dequantize_equals_gguf_py(type_name):
         assert ours.dtype == np.float32 and np.array_equal(ours.view(np.uint32), ref.view(np.uint32)), source
 
 
-def test_negative_zero_block_as_ggml(path):
+def test_negative_zero_block_as_ggml(quantizer):
     """A 32-block of -0.0: ggml's loops start from max = +0.0 and keep it, so d = +0.0 / -8
     = -0.0 (bytes 00 80); gguf-py takes the -0.0 itself and writes +0.0. We follow ggml (the
     llama.cpp comparison below checks it byte for byte)."""
@@ -115,7 +114,7 @@ def test_negative_zero_block_as_ggml(path):
 
 @pytest.mark.parametrize("type_name,rms", [("Q8_0", 7e-3), ("Q5_0", 5.5e-2), ("Q5_1", 5e-2), ("Q4_0", 0.11),
                                            ("Q4_K", 9e-2), ("Q5_K", 4.5e-2), ("Q6_K", 2.5e-2)])
-def test_errors(type_name, rms, path):
+def test_errors(type_name, rms, quantizer):
     """Dequantized by gguf-py: zeros stay zeros, and normal rows come back within the type's
     usual relative RMS error (median / worst of the 50 rows measured: Q8_0 5.4e-3 / 6.3e-3,
     Q5_0 4.3e-2 / 4.9e-2, Q5_1 3.8e-2 / 4.3e-2, Q4_0 8.6e-2 / 9.7e-2, Q4_K 7.1e-2 / 7.9e-2,
@@ -150,7 +149,7 @@ def awkward_gguf(tmp_path_factory):
 @needs_llama_cpp
 @pytest.mark.parametrize("type_name,ftype", [("Q8_0", 7), ("Q4_0", 2), ("Q5_0", 8), ("Q5_1", 9), ("Q4_K", 14),
                                              ("Q5_K", 16), ("Q6_K", 18)])
-def test_equal_to_llama_cpp(awkward_gguf, tmp_path, type_name, ftype, path):
+def test_equal_to_llama_cpp(awkward_gguf, tmp_path, type_name, ftype, quantizer):
     """llama_model_quantize (pure: every weight in the one type) on the awkward rows: our
     blocks are llama.cpp's, byte for byte, row by row."""
     path, values = awkward_gguf
@@ -225,7 +224,7 @@ ALL_TYPES = ["Q8_0", "Q4_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
 
 @needs_llama_cpp
 @pytest.mark.parametrize("type_name", ALL_TYPES)
-def test_equal_to_ggml_on_float32_rows(type_name, path, monkeypatch):
+def test_equal_to_ggml_on_float32_rows(type_name, quantizer, monkeypatch):
     """The CPU quantizer (worker threads, several chunks: the chunk size is lowered so that
     1700 rows make 27 chunks) against ggml's own, byte for byte, row by row."""
     from nanolora import gguf_quantize
@@ -240,30 +239,20 @@ def test_equal_to_ggml_on_float32_rows(type_name, path, monkeypatch):
 
 
 @pytest.mark.parametrize("type_name", ALL_TYPES + ["F16", "BF16"])
-def test_no_rows(type_name, path):
+def test_no_rows(type_name, quantizer):
     from nanolora.gguf_quants import row_bytes
     assert quantize(np.zeros((0, 256), np.float32), type_name).shape == (0, row_bytes(type_name, 256))
 
 
 @needs_llama_cpp
 @pytest.mark.parametrize("type_name", ALL_TYPES)
-def test_uneven_chunks_equal_to_ggml(type_name, path):
+def test_uneven_chunks_equal_to_ggml(type_name, quantizer):
     """Rows that do not share out evenly into the threads' chunks (one block; 37 blocks on 2
     threads: chunks of 19 and 18) keep ggml's bytes."""
     values = (np.random.default_rng(4).standard_normal((37, 256)) * 0.02).astype(np.float32)
     with torch_threads(2):
         assert np.array_equal(quantize(values[:1], type_name), ggml_quantize(values[:1], type_name))
         assert np.array_equal(quantize(values, type_name), ggml_quantize(values, type_name))
-
-
-@contextlib.contextmanager
-def torch_threads(n):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.gpu
@@ -285,7 +274,7 @@ def test_cuda_equals_cpu_and_ggml(type_name):
 
 @needs_llama_cpp
 @pytest.mark.parametrize("type_name", ALL_TYPES)
-def test_equal_to_ggml_on_many_blocks(type_name, path):
+def test_equal_to_ggml_on_many_blocks(type_name, quantizer):
     """8192 blocks of 256 weight-like values (normal, one scale per row from 1e-3 to 1): a
     difference that hits one block in 10^4 (torch's float32 sqrt is not correctly rounded on
     ~0.7% of inputs, which moved one Q4_K block in 10^4 before av_x's sqrt went to double)
