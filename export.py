@@ -89,16 +89,6 @@ def recorded_base(adapter):
         return None  # load_model reads the file again and says what is wrong with it
 
 
-def stored_dtype(base):
-    """The dtype the base checkpoint holds (config.json's dtype / torch_dtype), so that loading
-    it neither rounds nor doubles its size; fp32 when unknown (and for GGUF files)."""
-    if str(base).endswith(".gguf"):
-        return torch.float32
-    config = ModelConfig.from_json(resolve_checkpoint(base) / "config.json").hf_config
-    name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
-
-
 class Progress:
     """Tensor i of n on stderr (one line rewritten in place on a terminal, a line per tensor
     elsewhere); where the writer says how many bytes of how many are written, also the rate
@@ -130,7 +120,8 @@ def main(argv=None):
     base = resolve_model(base_name)  # the default run's model offline too, as train.py found it
 
     # the base with the adapter attached; load_model checks that every LoRA matrix fits it
-    model, tokenizer = load_model(base, device="cpu", dtype=stored_dtype(base), adapter=args.adapter)
+    # each tensor as the base stores it: nothing rounded, and no fp32 copy of a 16-bit base
+    model, tokenizer = load_model(base, device="cpu", dtype="stored", adapter=args.adapter)
     source = base if str(base).endswith(".gguf") else resolve_checkpoint(base)
     name = Path(str(base_name).rstrip("/")).stem
     if args.format == "peft":

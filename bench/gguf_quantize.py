@@ -58,7 +58,7 @@ def main():
             out = np.empty(x.numel() * 2, np.uint8)
             n_blocks = x.numel() // (256 if type_name.endswith("_K") else 32)
             row += [best_rate(lambda: quantize(x, type_name), x.numel(), args.repeat),
-                    best_rate(lambda: function(flat.ctypes.data, n_blocks, out.ctypes.data), x.numel(), args.repeat)]
+                    best_rate(lambda: function(flat.ctypes.data, 0, n_blocks, out.ctypes.data), x.numel(), args.repeat)]
         else:
             row += [float("nan")] * 2
         os.environ["NANOLORA_NATIVE"] = "0"

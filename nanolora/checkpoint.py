@@ -43,7 +43,9 @@ def expected_weights(config) -> dict:
 
 
 def merged_tensors(model):
-    """Yield (HF key, fp32 CPU tensor) for every weight of `model`, LoRA folded in.
+    """Yield (HF key, CPU tensor) for every weight of `model`, LoRA folded in: a merged or
+    NF4 weight in fp32, any other as the model holds it (no fp32 copy: callers cast, and the
+    GGUF writer converts chunk by chunk as it quantizes).
 
     Checked against the weights a model of this config has: a weight that is missing, extra
     or of another shape is an error, not a checkpoint transformers would refuse later.
@@ -64,6 +66,8 @@ def merged_tensors(model):
                 # the size of W, whose fresh pages cost as much as the arithmetic (GGUF export)
                 tensor = module.delta_weight()
                 tensor += value if isinstance(value, torch.Tensor) else ops.dense_weight(value, torch.float32)
+            elif isinstance(value, torch.Tensor):
+                tensor = value.detach()
             else:
                 tensor = ops.dense_weight(value, torch.float32)
             key = hf_key(f"{module_name}.{attr}")

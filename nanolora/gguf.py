@@ -1,8 +1,9 @@
 """GGUF, llama.cpp's one-file checkpoint: read one as a base model.
 
 `read_gguf_checkpoint(path)` turns a .gguf file into what load.py gets from an HF folder:
-an HF-style config dict, the tensors under their HF names (read lazily, one at a time,
-dequantized to fp32 in HF layout) and the tokenizer the file describes.
+an HF-style config dict, the tensors under their HF names (read lazily, one at a time, in HF
+layout: F32/F16/BF16 as stored, the block types dequantized to fp32) and the tokenizer the
+file describes.
 
 File layout (GGUF v2/v3, little-endian; ggml-org/ggml docs/gguf.md):
 
@@ -36,6 +37,8 @@ OTHER_GGML_TYPES = {9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 15: "Q8_K", 16: "IQ2_XXS"
                     19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16",
                     26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
 
+_FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
 # metadata value types: fixed-size ones as struct formats; 8 is a string, 9 an array
 _SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
@@ -53,7 +56,9 @@ class GGUFFile:
     def __init__(self, path):
         self.path = str(path)
         try:
-            self.data = np.memmap(path, dtype=np.uint8, mode="r")
+            # copy-on-write: a float tensor is handed out over the mapping itself (see tensor()),
+            # and a write to it (LoRALinear.merge in place) must change a private page, not the file
+            self.data = np.memmap(path, dtype=np.uint8, mode="c")
         except ValueError:  # numpy cannot map an empty file
             raise ValueError(f"{path}: not a GGUF file (it is empty)") from None
         self._buf = memoryview(self.data)
@@ -134,11 +139,18 @@ class GGUFFile:
         raise ValueError(f"{self.path}: unknown metadata value type {value_type} at offset {self._pos - 4}")
 
     def tensor(self, name) -> torch.Tensor:
-        """One tensor as fp32, in torch order (a weight is [out, in])."""
+        """One tensor in torch order (a weight is [out, in]): F32, F16 and BF16 in that dtype,
+        over the file's mapping (no copy: pages are read when used, so a 16-bit base costs no
+        fp32 copy of itself); the block types dequantized to fp32."""
         shape, ggml_type, start, n_bytes = self.tensors[name]
         check_tensor_type(self.path, name, ggml_type)
-        values = dequantize(self.data[start:start + n_bytes], ggml_type)
-        return torch.from_numpy(values).reshape(shape)
+        raw = self.data[start:start + n_bytes]
+        stored = _FLOAT_TYPES.get(GGML_TYPES[ggml_type][0])
+        if stored is not None and n_bytes and start % stored.itemsize == 0:
+            return torch.from_numpy(raw).view(stored).reshape(shape)
+        if stored is not None:  # general.alignment 1 may leave a tensor misaligned: a copy then
+            return torch.from_numpy(raw.copy()).view(stored).reshape(shape)
+        return torch.from_numpy(dequantize(raw, ggml_type)).reshape(shape)
 
 
 def check_tensor_type(path, name, ggml_type):

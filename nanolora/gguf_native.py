@@ -29,8 +29,9 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("gguf_quantize.c")
 # no -ffast-math (it reorders float operations), no FMA contraction: the bytes must be llama.cpp's.
 # -fno-math-errno lets sqrtf be one vector instruction (errno is never read here; the values are the same)
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-std=c11",
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-fno-trapping-math", "-std=c11",
          "-shared", "-fPIC"]
+SOURCES = ("float32", "float16", "bfloat16")  # the `src` codes the C entry points take
 TYPES = ("Q8_0", "Q4_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 
 _lock = threading.Lock()
@@ -38,8 +39,9 @@ _loaded = {}  # "lib": the CDLL, or None once it failed (said once)
 
 
 def library():
-    """The compiled quantizers (a ctypes.CDLL with nanolora_quantize_<type>(const float *x,
-    int64 n_blocks, uint8 *out) for TYPES), or None: see the module docstring."""
+    """The compiled quantizers (a ctypes.CDLL with nanolora_quantize_<type>(const void *x,
+    int source, int64 n_blocks, uint8 *out) for TYPES, x in SOURCES[source]'s dtype), or None:
+    see the module docstring."""
     if os.environ.get("NANOLORA_NATIVE", "1") == "0":
         return _unavailable("NANOLORA_NATIVE=0")
     with _lock:
@@ -142,6 +144,6 @@ def _compile(compiler, path: Path):
 def _declare(lib):
     for type_name in TYPES:
         function = getattr(lib, f"nanolora_quantize_{type_name.lower()}")
-        function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+        function.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p]
         function.restype = None
     return lib

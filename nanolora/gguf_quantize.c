@@ -3,7 +3,9 @@
 Each type's function does, for every block, the float32 operations of llama.cpp's
 quantize_row_*_ref in the same order, as nanolora/gguf_quantize.py (the torch reference this
 file is tested against, and llama.cpp's) spells out; so the floats, and the bytes, are the same.
-Entry points: nanolora_quantize_<type>(const float *x, int64_t n_blocks, uint8_t *out).
+Entry points: nanolora_quantize_<type>(const void *x, int src, int64_t n_blocks, uint8_t *out),
+x in float32 (src 0), f16 (1) or bf16 (2): a 16-bit source is widened to float32 (exact) a
+tile at a time, in the call, so no float32 copy of a tensor is made to quantize it.
 
 Lanes. The K-quants spend their time in a search per sub-block: 21 (Q4_K), 17 (Q5_K) or 19
 (Q6_K) trial grids, each a few passes over the sub-block's 32 or 16 values. The scalar code
@@ -15,7 +17,9 @@ loop as SIMD instructions (AVX2: 8 lanes per instruction) without changing one r
 scalar code's branches (`if (error < best) { keep }`) become selects.
 
 Exactness rules (see also gguf_quantize.py's docstring):
-- built with -ffp-contract=off and without -ffast-math: no fused multiply-adds, no reordering;
+- built with -ffp-contract=off and without -ffast-math: no fused multiply-adds, no reordering
+  (-fno-trapping-math only says that no code reads the FP exception flags: truncf then
+  vectorises, with the same values);
   one C expression per operation of the reference, parenthesised as it rounds;
 - nearest_int is llama.cpp's: add 1.5 * 2^23 and keep the low mantissa bits, which rounds half
   to even, and gives a negative number (so a level of 0 once clamped) for inf and NaN;
@@ -23,6 +27,9 @@ Exactness rules (see also gguf_quantize.py's docstring):
   and INT32_MIN (low byte 0) for NaN, inf and out-of-range (C leaves that undefined: c_to_int);
 - f16 conversion rounds to nearest even (as F16C, which llama.cpp uses on x86); sqrtf is
   IEEE's correctly rounded square root; roundf rounds half away from zero. */
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -90,7 +97,7 @@ static float abs_max(const float *x) {
     return amax;
 }
 
-void nanolora_quantize_q8_0(const float *restrict x, int64_t n_blocks, uint8_t *restrict out) {
+static void quantize_q8_0(const float *restrict x, int64_t n_blocks, uint8_t *restrict out) {
     for (int64_t b = 0; b < n_blocks; b++, x += 32, out += 34) {
         const float amax = abs_max(x);
         const float d = amax / 127.0f, id = d ? 1.0f / d : 0.0f;
@@ -140,11 +147,11 @@ static void q4_0_or_q5_0(const float *x, int64_t n_blocks, uint8_t *out, int lev
     }
 }
 
-void nanolora_quantize_q4_0(const float *x, int64_t n, uint8_t *out) { q4_0_or_q5_0(x, n, out, 16); }
-void nanolora_quantize_q5_0(const float *x, int64_t n, uint8_t *out) { q4_0_or_q5_0(x, n, out, 32); }
+static void quantize_q4_0(const float *x, int64_t n, uint8_t *out) { q4_0_or_q5_0(x, n, out, 16); }
+static void quantize_q5_0(const float *x, int64_t n, uint8_t *out) { q4_0_or_q5_0(x, n, out, 32); }
 
 /* Q5_1: d = (max - min) / 31, m = min, q = trunc((x - min) / d + 0.5) through a uint8. */
-void nanolora_quantize_q5_1(const float *x, int64_t n_blocks, uint8_t *out) {
+static void quantize_q5_1(const float *x, int64_t n_blocks, uint8_t *out) {
     for (int64_t b = 0; b < n_blocks; b++, x += 32, out += 24) {
         float min = x[0], max = x[0];
         for (int j = 1; j < 32; j++) {
@@ -338,8 +345,8 @@ static void q5_k_pair(const float *x, uint8_t *out) {
     }
 }
 
-void nanolora_quantize_q4_k(const float *x, int64_t n, uint8_t *out) { in_pairs(x, n, out, 144, q4_k_pair); }
-void nanolora_quantize_q5_k(const float *x, int64_t n, uint8_t *out) { in_pairs(x, n, out, 176, q5_k_pair); }
+static void quantize_q4_k(const float *x, int64_t n, uint8_t *out) { in_pairs(x, n, out, 144, q4_k_pair); }
+static void quantize_q5_k(const float *x, int64_t n, uint8_t *out) { in_pairs(x, n, out, 176, q5_k_pair); }
 
 /* make_qx_quants (rmse_type 1, no importance) on LANES sub-blocks of 16, x[i][lane]:
    x ~= scale * (L - nmax), L - nmax in -nmax..nmax-1. The value of largest magnitude maps to
@@ -391,7 +398,7 @@ static void qx_lanes(float x[16][LANES], int nmax, float *scale_out, uint8_t L[1
    the values rounded again against the stored scale to q in 0..63. Per half h of 128 values
    (groups of 32 g = 0..3): byte i of ql[64h..+32] holds group 0's value i (low nibble) and group
    2's (high), ql[64h+32..+32] groups 1 and 3; qh[32h + i] the top 2 bits of groups 0..3. */
-void nanolora_quantize_q6_k(const float *x, int64_t n_blocks, uint8_t *out) {
+static void quantize_q6_k(const float *x, int64_t n_blocks, uint8_t *out) {
     for (int64_t b = 0; b < n_blocks; b++, x += 256, out += 210) {
         float xt[16][LANES], scales[16], max_scale = 0.0f, max_abs = 0.0f;
         uint8_t Lt[16][LANES], L[256];
@@ -426,3 +433,54 @@ void nanolora_quantize_q6_k(const float *x, int64_t n_blocks, uint8_t *out) {
             }
     }
 }
+
+/* ------------------------------------------------------------------ entry points */
+
+enum { SRC_F32 = 0, SRC_F16 = 1, SRC_BF16 = 2 };
+/* values widened at a time: 16 KB of float32, in L1/L2 beside the kernel's own; a multiple of
+   512, so that a K-quant tile holds whole pairs of blocks (in_pairs pads only the last) */
+#define TILE 4096
+
+static void widen(const uint16_t *x, int src, int64_t n, float *out) {
+    if (src == SRC_BF16) { /* bf16 is the top half of a float32 */
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t bits = (uint32_t)x[i] << 16;
+            memcpy(out + i, &bits, 4);
+        }
+        return;
+    }
+    int64_t i = 0;
+#ifdef __F16C__ /* 8 at a time (compilers do not vectorise the scalar conversion below) */
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i))));
+#endif
+    for (; i < n; i++) out[i] = f16_value(x[i]);
+}
+
+typedef void (*kernel_fn)(const float *x, int64_t n_blocks, uint8_t *out);
+
+static void from_source(kernel_fn kernel, int block_values, int block_bytes, const void *x, int src,
+                        int64_t n_blocks, uint8_t *out) {
+    if (src == SRC_F32) {
+        kernel((const float *)x, n_blocks, out);
+        return;
+    }
+    float tile[TILE];
+    const int64_t per_tile = TILE / block_values;
+    for (int64_t b = 0; b < n_blocks; b += per_tile) {
+        const int64_t n = n_blocks - b < per_tile ? n_blocks - b : per_tile;
+        widen((const uint16_t *)x + b * block_values, src, n * block_values, tile);
+        kernel(tile, n, out + b * block_bytes);
+    }
+}
+
+#define ENTRY(type, values, bytes)                                                               \
+    void nanolora_quantize_##type(const void *x, int src, int64_t n_blocks, uint8_t *out) {      \
+        from_source(quantize_##type, values, bytes, x, src, n_blocks, out);                      \
+    }
+ENTRY(q8_0, 32, 34)
+ENTRY(q4_0, 32, 18)
+ENTRY(q5_0, 32, 22)
+ENTRY(q5_1, 32, 24)
+ENTRY(q4_k, 256, 144)
+ENTRY(q5_k, 256, 176)
+ENTRY(q6_k, 256, 210)

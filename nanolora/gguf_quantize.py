@@ -52,10 +52,11 @@ HUGE_BLOCK = 2.0 ** 20
 # 15.8 -> 24.7, Q8_0 290 -> 450 M values/s; a chunk's temporaries then live in L3, not L2).
 # A tensor is cut into equal chunks, a multiple of the threads in number. CUDA: large, so that
 # each kernel has millions of values to work on.
-# Native (C) chunks: small, as each call is one C loop without temporaries and releases the GIL;
-# 2^16 values is 256 KB of float32 (in L2), and a tensor of 10^7 values makes ~150 chunks, so the
-# threads end together.
-CHUNK_VALUES = {"cpu": 1 << 20, "cuda": 1 << 25, "native": 1 << 16}
+# Native (C) chunks: each call is one C loop over the tensor's own memory (it widens 16-bit values
+# a cache-sized tile at a time) and releases the GIL; 2^18 values make a 10^7-value tensor ~40
+# calls, few enough that Python between them costs nothing, enough that the threads end together.
+CHUNK_VALUES = {"cpu": 1 << 20, "cuda": 1 << 25, "native": 1 << 18}
+_NATIVE_SOURCES = {getattr(torch, name): code for code, name in enumerate(gguf_native.SOURCES)}
 
 
 def quantize(values, type_name: str, device=None) -> np.ndarray:
@@ -83,12 +84,18 @@ def quantize(values, type_name: str, device=None) -> np.ndarray:
         chunks = -(-len(blocks) // step)
         step = max(1, -(-len(blocks) // (-(-chunks // threads) * threads)))
 
+    if native:  # the C code widens 16-bit values itself, a tile at a time
+        if blocks.dtype not in _NATIVE_SOURCES:
+            blocks = blocks.float()
+        blocks = blocks.contiguous()
+        kernel, source = getattr(native, f"nanolora_quantize_{type_name.lower()}"), _NATIVE_SOURCES[blocks.dtype]
+
     def run(start):
-        part = blocks[start:start + step].to(device=device, dtype=torch.float32)
         if native:  # into `out` directly; the call releases the GIL
-            part = part.contiguous()
-            getattr(native, f"nanolora_quantize_{type_name.lower()}")(part.data_ptr(), len(part), out[start].data_ptr())
+            part = blocks[start:start + step]
+            kernel(part.data_ptr(), source, len(part), out[start].data_ptr())
             return
+        part = blocks[start:start + step].to(device=device, dtype=torch.float32)
         result = _QUANTIZERS[type_name](part).cpu()
         if part.is_cuda:  # blocks of float32-subnormal or huge size go to the CPU (see TINY_BLOCK, HUGE_BLOCK)
             amax = part.abs().amax(dim=1)

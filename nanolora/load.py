@@ -38,7 +38,9 @@ def load_model(name_or_path, device=None, dtype=None, *, adapter=None, load_in_4
     """Load a Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 checkpoint.
 
     name_or_path: an HF checkpoint folder, a hub repo id ("org/name"), or a .gguf file.
-    device: default "cuda" when available, else "cpu". dtype: default bf16 on GPU, fp32 on CPU.
+    device: default "cuda" when available, else "cpu". dtype: default bf16 on GPU, fp32 on CPU;
+    "stored": each tensor as the checkpoint holds it (a GGUF block type: fp32), so that nothing
+    is rounded or widened (export.py).
     adapter: a PEFT LoRA adapter folder to attach (see nanolora/peft.py).
     load_in_4bit: hold the seven projections of every block (q, k, v, o, gate, up, down) in
     NF4 with double quantization (QLoRA), quantizing each on the device as it streams in;
@@ -241,7 +243,8 @@ def place_tensors(model: nn.Module, tensors, device, dtype, source: str, quantiz
                     raise ValueError(f"{where}: tensor {weight_key!r} has shape {list(weight.shape)} in its quant_state, "
                                      f"expected {list(getattr(module, attr).shape)} from the config")
                 if weight_key not in quantize:  # skipped, not a projection, or no quantization_config
-                    weight = nn.Parameter(ops.dequantize_nf4(weight, dtype), requires_grad=False)
+                    as_dtype = weight.dtype if dtype == "stored" else dtype  # the dtype it was quantized from
+                    weight = nn.Parameter(ops.dequantize_nf4(weight, as_dtype), requires_grad=False)
                 _replace_weight(module, attr, weight)
             continue
         if key not in params:
@@ -253,7 +256,9 @@ def place_tensors(model: nn.Module, tensors, device, dtype, source: str, quantiz
         if tensor.shape != expected:
             raise ValueError(f"{where}: tensor {key!r} has shape {list(tensor.shape)}, "
                              f"expected {list(expected)} from the config")
-        tensor = tensor.to(dtype=dtype).to(device)  # cast first: a bf16 checkpoint moves half the bytes
+        if dtype != "stored":
+            tensor = tensor.to(dtype=dtype)  # cast first: a bf16 checkpoint moves half the bytes
+        tensor = tensor.to(device)
         if key in quantize:
             weight = quantize_nf4(tensor, NF4_BLOCKSIZE, double_quant=True)
             del tensor  # the 16-bit copy goes as soon as its NF4 form exists

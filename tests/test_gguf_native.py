@@ -82,6 +82,20 @@ def test_native_reads_any_float_dtype_and_layout():
         assert np.array_equal(quantize(variant, "Q4_K"), quantize(variant.float().contiguous(), "Q4_K"))
 
 
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_native_widens_every_16bit_value_exactly(dtype):
+    """The C code widens f16 (F16C, or its scalar f16_value) and bf16 sources itself, a tile
+    of 4096 values at a time: every finite bit pattern of the type, spread over many tiles,
+    quantizes to the bytes of its float32 value widened by torch. The patterns stay in order, so
+    that a block holds neighbours of one magnitude, where a wrong low bit moves a level."""
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    finite = every[every.isfinite()]
+    values = finite[:len(finite) // 256 * 256].reshape(-1, 256)
+    for type_name in TYPES:
+        assert np.array_equal(quantize(values, type_name), quantize(values.float(), type_name)), type_name
+
+
 def one_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
@@ -159,6 +173,6 @@ def test_damaged_cache_is_rebuilt(fresh, built_library, monkeypatch, tmp_path, c
     assert [p.name for p in damaged.parent.iterdir()] == [good.name]  # no temporary left behind
     values = np.random.default_rng(1).standard_normal((4, 256)).astype(np.float32)
     out = np.zeros((4, 210), np.uint8)
-    lib.nanolora_quantize_q6_k(values.ctypes.data, 4, out.ctypes.data)
+    lib.nanolora_quantize_q6_k(values.ctypes.data, 0, 4, out.ctypes.data)  # src 0: float32
     monkeypatch.setenv("NANOLORA_NATIVE", "0")
     assert np.array_equal(out, quantize(values, "Q6_K"))

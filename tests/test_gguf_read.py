@@ -220,6 +220,33 @@ def test_tensors_are_loaded_lazily(checkpoints, tmp_path):
         assert (key == "model.norm.weight") == (not tensor.any()), key
 
 
+@pytest.mark.parametrize("quant", ["f16", "bf16"])
+def test_float_tensors_come_as_stored_without_a_copy(checkpoints, tmp_path, quant):
+    """F32/F16/BF16 tensors are handed out in their own dtype over the file's mapping (export
+    reads a 16-bit base without a float32 copy): gguf-py's values, and a write to one (a merge
+    in place) changes a private page, not the file nor another reader's tensor."""
+    hf_folder, _ = checkpoints["llama"]
+    path = convert(hf_folder, tmp_path, quant)
+    before = open(path, "rb").read()
+    ours, other = GGUFFile(path), GGUFFile(path)
+    for t in gguf.GGUFReader(path).tensors:
+        tensor = ours.tensor(t.name)
+        stored = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[t.tensor_type.name]
+        assert tensor.dtype == stored, t.name
+        reference = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+        assert torch.equal(tensor.float().flatten(), reference.flatten()), t.name
+        start = ours.tensors[t.name][2]
+        assert tensor.data_ptr() == ours.data.ctypes.data + start, t.name  # no copy
+        tensor.add_(1)
+    assert open(path, "rb").read() == before
+    assert all(torch.equal(other.tensor(t.name).float().flatten(),
+                           torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).flatten())
+               for t in gguf.GGUFReader(path).tensors)
+    model, _ = load_model(path, device="cpu", dtype="stored")
+    dtypes = {p.dtype for p in model.parameters()}
+    assert dtypes == ({torch.float16, torch.float32} if quant == "f16" else {torch.bfloat16, torch.float32}), dtypes
+
+
 # ----------------------------------------------------------------------- tokenizer
 
 
