@@ -54,57 +54,57 @@ HUGE_BLOCK = 2.0 ** 20
 # each kernel has millions of values to work on.
 # Native (C) chunks: each call is one C loop over the tensor's own memory (it widens 16-bit values
 # a cache-sized tile at a time) and releases the GIL; 2^18 values make a 10^7-value tensor ~40
-# calls, few enough that Python between them costs nothing, enough that the threads end together.
+# calls, few enough that Python between them costs nothing, enough that the threads end together,
+# and a chunk of merged fp32 rows (1 MB, checkpoint.MergedRows) stays in L2 until quantized.
 CHUNK_VALUES = {"cpu": 1 << 20, "cuda": 1 << 25, "native": 1 << 18}
 _NATIVE_SOURCES = {getattr(torch, name): code for code, name in enumerate(gguf_native.SOURCES)}
 
 
 def quantize(values, type_name: str, device=None) -> np.ndarray:
-    """values [rows, cols] (torch or numpy, any float dtype; cols a multiple of the block
-    size) -> uint8 numpy [rows, row_bytes] in `type_name`, computed on `device` (default: where
-    `values` is) chunk by chunk.
+    """values [rows, cols] -> uint8 numpy [rows, row_bytes] in `type_name`, computed on `device`
+    (default: where `values` is) a chunk of rows at a time. values: a tensor or numpy array (any
+    float dtype; cols a multiple of the block size), or a source of rows made on demand
+    (checkpoint.MergedRows: .shape, .device, .block_rows, .rows(start, stop)).
 
     On the CPU the chunks are shared out to torch.get_num_threads() Python threads whose ops
     run single-threaded, as llama.cpp shares rows out to its threads: one op on a chunk is too
     small to be worth splitting, and on a busy machine a split op waits at its barrier for
     the slowest thread (measured 50x slower on 2 loaded cores)."""
-    values = torch.as_tensor(values)
-    device = torch.device(device) if device is not None else values.device
-    rows, cols = values.shape
+    source = values if hasattr(values, "rows") else _TensorRows(torch.as_tensor(values))
+    device = torch.device(device) if device is not None else source.device
+    rows, cols = source.shape
     _, block_values, block_bytes = GGML_TYPES[TYPE_IDS[type_name]]
     if cols % block_values:
         raise ValueError(f"{type_name} needs rows of a multiple of {block_values} values, got {cols}")
-    blocks = values.reshape(-1, block_values)
-    out = torch.empty((len(blocks), block_bytes), dtype=torch.uint8)
-    native = device.type == "cpu" and type_name in gguf_native.TYPES and len(blocks) and gguf_native.library()
+    out = torch.empty((rows, row_bytes(type_name, cols)), dtype=torch.uint8)
+    native = device.type == "cpu" and type_name in gguf_native.TYPES and rows * cols and gguf_native.library()
     chunk_values = CHUNK_VALUES["native"] if native else CHUNK_VALUES.get(device.type, CHUNK_VALUES["cpu"])
-    step = max(1, chunk_values // block_values)
-    threads = torch.get_num_threads()
-    if device.type == "cpu" and len(blocks):  # a multiple of `threads` equal chunks: no thread waits for the last
-        chunks = -(-len(blocks) // step)
-        step = max(1, -(-len(blocks) // (-(-chunks // threads) * threads)))
 
-    if native:  # the C code widens 16-bit values itself, a tile at a time
-        if blocks.dtype not in _NATIVE_SOURCES:
-            blocks = blocks.float()
-        blocks = blocks.contiguous()
-        kernel, source = getattr(native, f"nanolora_quantize_{type_name.lower()}"), _NATIVE_SOURCES[blocks.dtype]
+    def rows_per_chunk(n):  # rows, rounded up to the source's blocks
+        return -(-max(1, n) // source.block_rows) * source.block_rows
+    step = rows_per_chunk(chunk_values // max(cols, 1))
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and rows:  # a multiple of `threads` equal chunks: no thread waits for the last
+        chunks = -(-rows // step)
+        step = rows_per_chunk(-(-rows // (-(-chunks // threads) * threads)))
 
     def run(start):
-        if native:  # into `out` directly; the call releases the GIL
-            part = blocks[start:start + step]
-            kernel(part.data_ptr(), source, len(part), out[start].data_ptr())
+        part = source.rows(start, min(start + step, rows))
+        if native:  # into `out` directly; the C code widens 16-bit values itself, and releases the GIL
+            part = (part if part.dtype in _NATIVE_SOURCES else part.float()).contiguous()
+            kernel = getattr(native, f"nanolora_quantize_{type_name.lower()}")
+            kernel(part.data_ptr(), _NATIVE_SOURCES[part.dtype], part.numel() // block_values, out[start].data_ptr())
             return
-        part = blocks[start:start + step].to(device=device, dtype=torch.float32)
+        part = part.reshape(-1, block_values).to(device=device, dtype=torch.float32)
         result = _QUANTIZERS[type_name](part).cpu()
         if part.is_cuda:  # blocks of float32-subnormal or huge size go to the CPU (see TINY_BLOCK, HUGE_BLOCK)
             amax = part.abs().amax(dim=1)
             odd = (((amax > 0) & (amax < TINY_BLOCK)) | (amax >= HUGE_BLOCK)).nonzero().flatten().cpu()
             if len(odd):
                 result[odd] = _QUANTIZERS[type_name](part[odd].cpu())
-        out[start:start + step] = result
+        out[start:start + step] = result.reshape(-1, out.shape[1])
 
-    starts = range(0, len(blocks), step)
+    starts = range(0, rows, step)
     if device.type != "cpu" or len(starts) == 1 or threads == 1:
         for start in starts:
             run(start)
@@ -115,7 +115,20 @@ def quantize(values, type_name: str, device=None) -> np.ndarray:
                 list(pool.map(run, starts))
         finally:
             torch.set_num_threads(threads)
-    return out.numpy().reshape(rows, row_bytes(type_name, cols))
+    return out.numpy()
+
+
+class _TensorRows:
+    """A tensor as a source of rows (see quantize)."""
+    block_rows = 1
+
+    def __init__(self, tensor):
+        if tensor.dim() != 2:
+            raise ValueError(f"quantize: expected values of shape [rows, cols], got {list(tensor.shape)}")
+        self.tensor, self.shape, self.device = tensor, tuple(tensor.shape), tensor.device
+
+    def rows(self, start, stop):
+        return self.tensor[start:stop]
 
 
 def _const(value, like):

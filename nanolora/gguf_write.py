@@ -40,7 +40,7 @@ import warnings
 import numpy as np
 import torch
 
-from nanolora.checkpoint import expected_weights, merged_tensors
+from nanolora.checkpoint import MergedRows, check_finite, expected_weights, merged_tensors
 from nanolora.files import atomic_path
 from nanolora.gguf import GLOBAL_NAMES, LAYER_NAMES
 from nanolora.gguf_quants import GGML_TYPES, TYPE_IDS, row_bytes
@@ -143,8 +143,9 @@ def write_gguf_model(model, tokenizer, path, quant="f16", source=None, name=None
 
     source: the base model's folder or .gguf file (for the tokenizer metadata). progress: see
     write_gguf. device: where tensors are quantized (default: CUDA when there is one).
-    Three stages run at once, tensor by tensor: a thread merges the next weight while another
-    quantizes the one before it and this one writes the one before that.
+    Three stages run at once, tensor by tensor: a thread makes the next weight while another
+    quantizes the one before it and this one writes the one before that. On the CPU a LoRA
+    weight is merged by the quantizer's threads, a block of rows at a time (MergedRows).
     """
     if quant not in QUANTS:
         raise ValueError(f"--quant {quant!r} is not a GGUF model type (supported: {', '.join(QUANTS)})")
@@ -156,12 +157,12 @@ def write_gguf_model(model, tokenizer, path, quant="f16", source=None, name=None
     metadata = model_metadata(config, arch, quant, name or "model")
     metadata.update(tokenizer_metadata(tokenizer, config.vocab_size, source, config))
 
-    def convert(tensor, key):
+    def permuted_heads(key):  # llama.cpp's llama kernels take q/k rows in its own order (see _permute_rows)
         if arch == "llama" and ".self_attn.q_proj." in key:
-            tensor = _permute_rows(tensor, config.n_heads)
-        elif arch == "llama" and ".self_attn.k_proj." in key:
-            tensor = _permute_rows(tensor, config.n_kv_heads)
-        return tensor
+            return config.n_heads
+        if arch == "llama" and ".self_attn.k_proj." in key:
+            return config.n_kv_heads
+        return None
 
     tensors = []  # (name, shape, type, key): the table, known before any data is computed
     if (config.rope_scaling or {}).get("rope_type") == "llama3":
@@ -169,26 +170,24 @@ def write_gguf_model(model, tokenizer, path, quant="f16", source=None, name=None
     for key, shape in expected_weights(config).items():
         tensor_name = gguf_name(key)
         tensors.append((tensor_name, shape, tensor_type(tensor_name, shape, quant, config), key))
-    merged = merged_tensors(model)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # on the CPU a LoRA weight is merged a block of rows at a time inside the quantizer, in cache
+    # (checkpoint.MergedRows); for CUDA it is merged whole here, on the CPU, beside the GPU's work
+    merged = merged_tensors(model, by_rows=torch.device(device).type == "cpu")
 
     def values():
         for tensor_name, shape, ggml_type, key in tensors:
             if key is None:
-                values = rope_freqs(config, source)
-            else:
-                got_key, values = next(merged, (None, None))
-                if got_key != key:
-                    raise ValueError(f"GGUF export: expected weight {key!r} next, the model gave {got_key!r}")
-                # llama.cpp would quantize NaN or inf into garbage blocks. aminmax: NaN propagates,
-                # and one vectorised pass without a bool tensor is 10x faster than isfinite().all()
-                if not all(bound.isfinite() for bound in torch.aminmax(values)):
-                    raise ValueError(f"GGUF export: weight {key!r} holds NaN or infinite values once the adapter "
-                                     f"is merged (a diverged training run?)")
-                values = convert(values, key)
-            yield values, ggml_type
+                yield rope_freqs(config, source), ggml_type, None
+                continue
+            got_key, values = next(merged, (None, None))
+            if got_key != key:
+                raise ValueError(f"GGUF export: expected weight {key!r} next, the model gave {got_key!r}")
+            if not isinstance(values, MergedRows):  # a MergedRows checks each block it makes
+                check_finite(key, values)
+            yield values, ggml_type, permuted_heads(key)
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    encoded = (_encode_tensor(v, t, device) for v, t in _ahead(values()))
+    encoded = (_encode_tensor(v, t, device, heads) for v, t, heads in _ahead(values()))
     write_gguf(path, metadata, [(n, s, t) for n, s, t, _ in tensors], _ahead(encoded), progress)
 
 
@@ -239,9 +238,16 @@ def write_gguf_lora(model, path, quant="f32", progress=None):
                progress)
 
 
-def _encode_tensor(values: torch.Tensor, ggml_type: str, device="cpu") -> np.ndarray:
-    values = values.detach()
-    return quantize(values.reshape(-1, values.shape[-1]), ggml_type, device)
+def _encode_tensor(values, ggml_type: str, device="cpu", permuted_heads=None) -> np.ndarray:
+    """The bytes of one tensor, [rows, row bytes]; a 1-D tensor is a column of one-value rows.
+    Quantization is row by row, so llama.cpp's q/k row order is applied to the encoded rows."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach()
+        values = values.reshape(-1, 1) if values.dim() == 1 else values.reshape(-1, values.shape[-1])
+    encoded = quantize(values, ggml_type, device)
+    if permuted_heads:
+        encoded = _permute_rows(torch.from_numpy(encoded), permuted_heads).numpy()
+    return encoded
 
 
 def _ahead(items, depth=1):

@@ -20,6 +20,13 @@ from nanolora.nf4 import NF4Weight
 
 
 
+# B A is multiplied MERGE_ROWS rows of B at a time, by every merge (merge(), export's whole
+# tensors and its GGUF writer, which quantizes a block of merged rows while it is in cache): a
+# BLAS may sum a row's r products in another order in a matmul of another shape, and one block
+# shape everywhere makes every path's merged floats the same.
+MERGE_ROWS = 64
+
+
 class LoRALinear(nn.Module):
     def __init__(self, weight, bias, r, alpha, dropout=0.0, rslora=False):
         super().__init__()
@@ -51,9 +58,16 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         return ops.projection(x, self)  # the base projection alone once merged
 
-    def delta_weight(self):
-        """scale * B A [out, in], the update LoRA adds to W (fp32)."""
-        return (self.lora_B.float() @ self.lora_A.float()).mul_(self.scale)  # in place: the same products
+    def delta_weight(self, start=0, stop=None):
+        """scale * B A [out, in], the update LoRA adds to W (fp32); or its rows start:stop
+        (start a multiple of MERGE_ROWS), which are the same floats."""
+        stop = self.out_features if stop is None else stop
+        if start % MERGE_ROWS:
+            raise ValueError(f"delta_weight: start {start} is not a multiple of MERGE_ROWS ({MERGE_ROWS})")
+        B, A = self.lora_B.float(), self.lora_A.float()
+        blocks = [B[row:min(row + MERGE_ROWS, stop)] @ A for row in range(start, stop, MERGE_ROWS)] or [B[:0] @ A]
+        delta = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+        return delta.mul_(self.scale)  # in place: the same products
 
     @torch.no_grad()
     def merge(self, dtype=None):

@@ -195,11 +195,11 @@ def test_failure_midway_leaves_no_partial_output(trained, tmp_path, monkeypatch,
     real = checkpoint.LoRALinear.delta_weight
     calls = []
 
-    def failing(self):
+    def failing(self, *rows):  # the GGUF writer asks for blocks of rows
         calls.append(1)
         if len(calls) == 5:
             raise RuntimeError("disk full")
-        return real(self)
+        return real(self, *rows)
     monkeypatch.setattr(checkpoint.LoRALinear, "delta_weight", failing)
     with pytest.raises(RuntimeError, match="disk full"):
         run_export(info, fmt, tmp_path / "out", "--shard_size", "100KB")
@@ -273,3 +273,40 @@ def test_non_finite_merged_weight_is_refused(trained, tmp_path):
                                          r"infinite values once the adapter is merged"):
         run_export(dict(info, adapter=adapter), "gguf", tmp_path / "out.gguf", "--quant", "q4_k")
     no_leftovers(tmp_path, ["adapter"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_merged_rows_are_the_whole_merge(dtype, monkeypatch):
+    """The GGUF writer merges a LoRA weight a block of rows at a time inside the quantizer
+    (checkpoint.MergedRows): any run of whole blocks is those rows of the merge the model itself
+    does (merge(), the merged checkpoint), float for float, and quantizing it by blocks on two
+    threads gives the bytes of quantizing the whole merged tensor. Odd sizes: the last block is
+    short, and a chunk spans several blocks."""
+    from gguf_fixtures import torch_threads
+    from nanolora import gguf_quantize
+    from nanolora.checkpoint import MergedRows
+    from nanolora.lora import MERGE_ROWS, LoRALinear
+    g = torch.Generator().manual_seed(0)
+    out_features, in_features = 5 * MERGE_ROWS + 17, 512
+    weight = torch.nn.Parameter((torch.randn(out_features, in_features, generator=g) * 0.02).to(dtype),
+                                requires_grad=False)
+    layer = LoRALinear(weight, None, r=8, alpha=16)
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(out_features, 8, generator=g) * 0.05)
+    with torch.no_grad():
+        whole = weight.float() + (layer.lora_B @ layer.lora_A) * layer.scale  # by no block at all
+    merged = MergedRows("w", layer, weight.detach().clone())  # merge() changes the layer's own W in place
+    every_row = merged.rows(0, out_features)
+    torch.testing.assert_close(every_row, whole, rtol=1e-6, atol=1e-6)  # the same sum
+    layer.merge()
+    assert torch.equal(layer.weight, every_row.to(dtype))  # merge() made the same floats, rounded once
+    layer.unmerge()
+    for start, stop in [(0, MERGE_ROWS), (2 * MERGE_ROWS, 4 * MERGE_ROWS + 3), (5 * MERGE_ROWS, out_features)]:
+        assert torch.equal(merged.rows(start, stop), every_row[start:stop]), (start, stop)
+    with pytest.raises(ValueError, match="multiple of MERGE_ROWS"):
+        merged.rows(1, 2)
+    monkeypatch.setitem(gguf_quantize.CHUNK_VALUES, "native", 3 * MERGE_ROWS * in_features // 2)
+    with torch_threads(2):
+        for type_name in ("Q8_0", "Q4_K", "Q6_K", "F16"):
+            assert (gguf_quantize.quantize(merged, type_name) == gguf_quantize.quantize(every_row, type_name)).all(), \
+                type_name
