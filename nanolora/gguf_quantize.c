@@ -91,7 +91,8 @@ static void put_f16(uint8_t *out, float f) {
    interleaved partial maxima that the compiler runs as one SIMD register. */
 static float abs_max(const float *x) {
     float part[8] = {0};
-    for (int j = 0; j < 32; j++) part[j % 8] = fabsf(x[j]) > part[j % 8] ? fabsf(x[j]) : part[j % 8];
+    for (int j = 0; j < 32; j += 8) /* the inner loop is the SIMD register (part[j % 8] was not seen as one) */
+        for (int k = 0; k < 8; k++) part[k] = fabsf(x[j + k]) > part[k] ? fabsf(x[j + k]) : part[k];
     float amax = 0.0f;
     for (int k = 0; k < 8; k++) amax = part[k] > amax ? part[k] : amax;
     return amax;
@@ -131,7 +132,7 @@ static void put_fifth_bits(uint8_t *out, const uint8_t *q) {
 
 /* Q4_0 (levels 16) and Q5_0 (levels 32): d = -(signed max) / (levels/2), so that value gets
    q = 0; q = min(levels - 1, trunc(x / d + levels/2 + 0.5)) through an int8 (C's (int8_t)). */
-static void q4_0_or_q5_0(const float *x, int64_t n_blocks, uint8_t *out, int levels) {
+static void q4_0_or_q5_0(const float *restrict x, int64_t n_blocks, uint8_t *restrict out, int levels) {
     const int block_bytes = levels == 16 ? 18 : 22, half = levels / 2;
     for (int64_t b = 0; b < n_blocks; b++, x += 32, out += block_bytes) {
         const float d = signed_max(x) / (float)-half, id = d ? 1.0f / d : 0.0f;
