@@ -72,10 +72,11 @@ def check_finite(key, values):
 
 
 def merged_tensors(model, by_rows=False):
-    """Yield (HF key, CPU tensor) for every weight of `model`, LoRA folded in: a merged or
-    NF4 weight in fp32, any other as the model holds it (no fp32 copy: callers cast, and the
-    GGUF writer converts chunk by chunk as it quantizes). by_rows: a LoRA layer over a 16-bit
-    or fp32 weight comes as a MergedRows instead, computed by its consumer block by block.
+    """Yield (HF key, CPU tensor) for every weight of `model`, LoRA folded in: W + scale B A
+    of an unmerged LoRA layer, or an NF4 weight, in fp32; any other as the model holds it (no
+    fp32 copy: callers cast, and the GGUF writer converts chunk by chunk as it quantizes).
+    by_rows: an unmerged LoRA layer over a 16-bit or fp32 weight comes as a MergedRows
+    instead, computed by its consumer block by block.
 
     Checked against the weights a model of this config has: a weight that is missing, extra
     or of another shape is an error, not a checkpoint transformers would refuse later.

@@ -56,7 +56,7 @@ class GGUFFile:
     def __init__(self, path):
         self.path = str(path)
         try:
-            # copy-on-write: a float tensor is handed out over the mapping itself (see tensor()),
+            # copy-on-write: a float tensor may be handed out over the mapping itself (see tensor()),
             # and a write to it (LoRALinear.merge in place) must change a private page, not the file
             self.data = np.memmap(path, dtype=np.uint8, mode="c")
         except ValueError:  # numpy cannot map an empty file
@@ -138,20 +138,23 @@ class GGUFFile:
             return [self._value(item_type, depth + 1) for _ in range(count)]
         raise ValueError(f"{self.path}: unknown metadata value type {value_type} at offset {self._pos - 4}")
 
-    def tensor(self, name) -> torch.Tensor:
+    def tensor(self, name, copy=True) -> torch.Tensor:
         """One tensor in torch order (a weight is [out, in]): F32, F16 and BF16 in that dtype,
-        over the file's mapping (no copy: pages are read when used, so a 16-bit base costs no
-        fp32 copy of itself); the block types dequantized to fp32."""
+        the block types dequantized to fp32. copy=False: a float tensor is a view of the
+        file's mapping instead (export reads a 16-bit base without copying it), which lives as
+        long as the tensor: a file rewritten meanwhile changes it, one cut short crashes its
+        reader (SIGBUS), so a model that outlives its reading gets copies."""
         shape, ggml_type, start, n_bytes = self.tensors[name]
         check_tensor_type(self.path, name, ggml_type)
         raw = self.data[start:start + n_bytes]
         stored = _FLOAT_TYPES.get(GGML_TYPES[ggml_type][0])
-        if stored is not None and n_bytes and start % stored.itemsize == 0:
-            return torch.from_numpy(raw).view(stored).reshape(shape)
-        if stored is not None:  # general.alignment 1 may leave a tensor misaligned: a copy then
-            return torch.from_numpy(raw.copy()).view(stored).reshape(shape)
-        return torch.from_numpy(dequantize(raw, ggml_type)).reshape(shape)
-
+        if stored is None:
+            return torch.from_numpy(dequantize(raw, ggml_type)).reshape(shape)
+        if not n_bytes:
+            return torch.empty(shape, dtype=stored)
+        if copy or start % stored.itemsize:  # general.alignment 1 may leave a tensor misaligned: a copy then
+            raw = raw.copy()
+        return torch.from_numpy(raw).view(stored).reshape(shape)
 
 def check_tensor_type(path, name, ggml_type):
     if ggml_type not in GGML_TYPES:
@@ -193,8 +196,9 @@ def unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, -1, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def read_gguf_checkpoint(path):
-    """A .gguf file -> (hf_config dict, [(hf_key, load)], Tokenizer); load() reads one tensor."""
+def read_gguf_checkpoint(path, copy=True):
+    """A .gguf file -> (hf_config dict, [(hf_key, load)], Tokenizer); load() reads one tensor
+    (copy=False: float tensors as views of the file, see GGUFFile.tensor)."""
     gguf = GGUFFile(path)
     meta = gguf.metadata
     arch = meta.get("general.architecture")
@@ -214,13 +218,13 @@ def read_gguf_checkpoint(path):
             permuted_heads = config["num_attention_heads"]
         elif arch == "llama" and ".attn_k." in name:
             permuted_heads = config["num_key_value_heads"]
-        tensors.append((hf_name(path, name), _loader(gguf, name, permuted_heads)))
+        tensors.append((hf_name(path, name), _loader(gguf, name, permuted_heads, copy)))
     return config, tensors, gguf_tokenizer(gguf)
 
 
-def _loader(gguf, name, permuted_heads):
+def _loader(gguf, name, permuted_heads, copy):
     def load():
-        w = gguf.tensor(name)
+        w = gguf.tensor(name, copy)
         return w if permuted_heads is None else unpermute_rows(w, permuted_heads)
     load.where = gguf.path
     return load

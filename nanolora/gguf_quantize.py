@@ -77,7 +77,11 @@ def quantize(values, type_name: str, device=None) -> np.ndarray:
     if cols % block_values:
         raise ValueError(f"{type_name} needs rows of a multiple of {block_values} values, got {cols}")
     out = torch.empty((rows, row_bytes(type_name, cols)), dtype=torch.uint8)
-    native = device.type == "cpu" and type_name in gguf_native.TYPES and rows * cols and gguf_native.library()
+    if not rows * cols:
+        return out.numpy()
+    # the C code reads host memory: a CUDA source quantized "on the CPU" takes the torch path's copy
+    native = device.type == "cpu" and source.device.type == "cpu" and type_name in gguf_native.TYPES \
+        and gguf_native.library()
     chunk_values = CHUNK_VALUES["native"] if native else CHUNK_VALUES.get(device.type, CHUNK_VALUES["cpu"])
 
     def rows_per_chunk(n):  # rows, rounded up to the source's blocks

@@ -60,7 +60,8 @@ def load_model(name_or_path, device=None, dtype=None, *, adapter=None, load_in_4
 
     if str(name_or_path).endswith(".gguf"):
         from nanolora.gguf import read_gguf_checkpoint
-        hf_config, tensors, tokenizer = read_gguf_checkpoint(name_or_path)
+        # "stored" (export): views of the file, not copies, as nothing outlives the export
+        hf_config, tensors, tokenizer = read_gguf_checkpoint(name_or_path, copy=dtype != "stored")
         config = ModelConfig.from_hf(hf_config, source=str(name_or_path))
         config_file = str(name_or_path)
     else:

@@ -23,7 +23,8 @@ from nanolora.nf4 import NF4Weight
 # B A is multiplied MERGE_ROWS rows of B at a time, by every merge (merge(), export's whole
 # tensors and its GGUF writer, which quantizes a block of merged rows while it is in cache): a
 # BLAS may sum a row's r products in another order in a matmul of another shape, and one block
-# shape everywhere makes every path's merged floats the same.
+# shape everywhere makes every path's merged floats the same on one device (a GPU's BLAS is
+# another BLAS).
 MERGE_ROWS = 64
 
 
@@ -58,6 +59,7 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         return ops.projection(x, self)  # the base projection alone once merged
 
+    @torch.no_grad()  # a merge's product, never differentiated (and matmul's out= refuses autograd)
     def delta_weight(self, start=0, stop=None):
         """scale * B A [out, in], the update LoRA adds to W (fp32); or its rows start:stop
         (start a multiple of MERGE_ROWS), which are the same floats."""
@@ -65,8 +67,9 @@ class LoRALinear(nn.Module):
         if start % MERGE_ROWS:
             raise ValueError(f"delta_weight: start {start} is not a multiple of MERGE_ROWS ({MERGE_ROWS})")
         B, A = self.lora_B.float(), self.lora_A.float()
-        blocks = [B[row:min(row + MERGE_ROWS, stop)] @ A for row in range(start, stop, MERGE_ROWS)] or [B[:0] @ A]
-        delta = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+        delta = torch.empty(stop - start, self.in_features, dtype=torch.float32, device=A.device)
+        for row in range(start, stop, MERGE_ROWS):  # each block's matmul writes its rows of delta
+            torch.matmul(B[row:min(row + MERGE_ROWS, stop)], A, out=delta[row - start:min(row + MERGE_ROWS, stop) - start])
         return delta.mul_(self.scale)  # in place: the same products
 
     @torch.no_grad()

@@ -176,3 +176,10 @@ def test_damaged_cache_is_rebuilt(fresh, built_library, monkeypatch, tmp_path, c
     lib.nanolora_quantize_q6_k(values.ctypes.data, 0, 4, out.ctypes.data)  # src 0: float32
     monkeypatch.setenv("NANOLORA_NATIVE", "0")
     assert np.array_equal(out, quantize(values, "Q6_K"))
+
+
+@pytest.mark.parametrize("type_name", ["F32", "F16", "Q8_0", "Q4_K"])
+def test_quantize_empty(type_name):
+    """No rows, or rows of no values: an empty result of the right shape, not an error."""
+    assert quantize(np.zeros((3, 0), np.float32), type_name).shape == (3, 0)
+    assert quantize(np.zeros((0, 256), np.float32), type_name).shape[0] == 0

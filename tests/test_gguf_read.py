@@ -222,15 +222,18 @@ def test_tensors_are_loaded_lazily(checkpoints, tmp_path):
 
 @pytest.mark.parametrize("quant", ["f16", "bf16"])
 def test_float_tensors_come_as_stored_without_a_copy(checkpoints, tmp_path, quant):
-    """F32/F16/BF16 tensors are handed out in their own dtype over the file's mapping (export
-    reads a 16-bit base without a float32 copy): gguf-py's values, and a write to one (a merge
-    in place) changes a private page, not the file nor another reader's tensor."""
+    """F32/F16/BF16 tensors come in their own dtype; with copy=False over the file's mapping
+    (export reads a 16-bit base without a float32 copy): gguf-py's values, and a write to one
+    (a merge in place) changes a private page, not the file nor another reader's tensor."""
     hf_folder, _ = checkpoints["llama"]
     path = convert(hf_folder, tmp_path, quant)
     before = open(path, "rb").read()
     ours, other = GGUFFile(path), GGUFFile(path)
     for t in gguf.GGUFReader(path).tensors:
-        tensor = ours.tensor(t.name)
+        copied = ours.tensor(t.name)  # the default: a model that outlives the mapping holds copies
+        assert copied.data_ptr() != ours.data.ctypes.data + ours.tensors[t.name][2], t.name
+        tensor = ours.tensor(t.name, copy=False)
+        assert torch.equal(tensor, copied), t.name
         stored = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[t.tensor_type.name]
         assert tensor.dtype == stored, t.name
         reference = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
@@ -471,3 +474,25 @@ def test_load_tokenizer_folder_hub_gguf_and_vocab_only(tmp_path, monkeypatch):
         assert from_gguf.encode(text) == vocab_only.encode(text), text
         if importlib.util.find_spec("llama_cpp"):
             assert vocab_only.encode(text) == ref.tokenize(text.encode(), add_bos=True, special=True), text
+
+
+def test_misaligned_and_empty_float_tensors(tmp_path):
+    """general.alignment 1 leaves float tensors at odd offsets (read through a copy), and an
+    empty one is an empty tensor of its shape, copy or not: gguf-py's values."""
+    path = tmp_path / "odd.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_custom_alignment(1)
+    arrays = {"h": np.arange(3, dtype=np.float16), "f": np.arange(5, dtype=np.float32) / 3,
+              "e": np.zeros((0, 4), dtype=np.float32)}
+    for name, array in arrays.items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ours = GGUFFile(path)
+    assert ours.tensors["f"][2] % 4  # misaligned indeed
+    for name, array in arrays.items():
+        for copy in (True, False):
+            tensor = ours.tensor(name, copy)
+            assert tensor.shape == array.shape and torch.equal(tensor, torch.from_numpy(array)), (name, copy)
