@@ -33,7 +33,7 @@ def _power_of_two_at_least(n: int) -> int:
 
 # A dataclass, not a NamedTuple: DDP and FSDP move the tensors inside tuples they are given
 # (with a blocking copy for CPU ones); they pass other objects through.
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # eq: comparing tensors field by field would sync
 class Documents:
     """The documents of a batch of packed rows, laid end to end: document i is tokens
     cu_seqlens[i] .. cu_seqlens[i + 1] - 1 of the rows flattened (row r, position t is token
@@ -95,7 +95,9 @@ def find_documents(segment_ids: torch.Tensor) -> Documents:
     lengths = torch.diff(starts, append=torch.tensor([total]))
     cu_seqlens = torch.full((_power_of_two_at_least(len(starts)) + 1,), total, dtype=torch.int32)
     cu_seqlens[:len(starts)] = starts
-    return Documents(cu_seqlens, _power_of_two_at_least(int(lengths.max())), seq, cu_seqlens)
+    # max_len 2 at least: FA2 runs a query length of 1 with grouped heads as one batch row per
+    # document, which the empty documents at the end do not fit
+    return Documents(cu_seqlens, max(2, _power_of_two_at_least(int(lengths.max()))), seq, cu_seqlens)
 
 
 def covers(device, dtype, head_dim) -> bool:
@@ -111,21 +113,20 @@ class _VariableLengthAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_len, scale):
-        # dropout is 0: the philox state the kernel returns is never read (the offset it gives
-        # back is empty, as its backward then takes it)
-        out, lse, philox_seed, _, _ = aten._flash_attention_forward(
+        # dropout is 0: the philox state the kernel returns is never read, but handed back to
+        # its backward as it came (as torch's own autograd does)
+        out, lse, philox_seed, philox_offset, _ = aten._flash_attention_forward(
             q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, False, scale=scale)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, philox_seed)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, philox_seed, philox_offset)
         ctx.max_len, ctx.scale = max_len, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, cu_seqlens, philox_seed = ctx.saved_tensors
-        no_offset = torch.empty(0, device=q.device)
+        q, k, v, out, lse, cu_seqlens, philox_seed, philox_offset = ctx.saved_tensors
         dq, dk, dv = aten._flash_attention_backward(
             dout.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens, ctx.max_len, ctx.max_len, 0.0, True,
-            philox_seed, no_offset, scale=ctx.scale)
+            philox_seed, philox_offset, scale=ctx.scale)
         return dq, dk, dv, None, None, None
 
 

@@ -377,7 +377,11 @@ def attention(q, k, v, mask, scale=None, softcap=None):
     (nanolora/kept_attention.py; same kernels, same bytes).
     """
     if isinstance(mask, document_attention.Documents):  # documents_or_mask found the kernel covers them
-        return document_attention.attention(q, k, v, mask, scale)
+        if q.dtype == k.dtype == v.dtype:
+            return document_attention.attention(q, k, v, mask, scale)
+        # it judged by the compute dtype: fp32 weights under autocast rotate q and k in fp32
+        # beside a 16-bit v, which the kernel refuses (autocast casts them for SDPA)
+        mask = mask.mask(q.shape[0], q.shape[2])
     if softcap is not None:
         return attention_reference(q, k, v, mask, scale, softcap)
     # the recompute does what the forward did (the switches supported() reads could change between)

@@ -8,7 +8,7 @@ import torch
 
 from hf_fixtures import checkpoint_fixture, randomize_lora, save_checkpoint
 from hf_fixtures import lora_loss_and_grads as loss_and_grads
-from nanolora import cuda_graphs, load_model, ops
+from nanolora import cuda_graphs, kept_attention, load_model, ops
 from nanolora.document_attention import find_documents
 from nanolora.lora import attach_lora, lora_parameters
 
@@ -92,14 +92,17 @@ def test_why_graphs_stay_off(llama):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("family,nf4,checkpointing,packed", [
-    ("llama", False, True, False), ("llama", True, True, False), ("llama", True, "offload", False),
+@pytest.mark.parametrize("family,nf4,checkpointing,packed,kept", [
+    ("llama", False, True, False, False), ("llama", True, True, False, False), ("llama", True, "offload", False, False),
+    # kept attention (its output offloaded for the recompute) captured too: on for any length here
+    ("llama", True, "offload", False, True),
     # packed rows: their documents (variable-length attention) padded with the rows
-    ("llama", True, "offload", True),
+    ("llama", True, "offload", True, False),
     # Gemma: soft-capped attention and loss (the references), sliding windows, scaled embeddings
-    ("gemma2", False, True, False), ("gemma3", True, "offload", True)],
-    ids=["bf16", "nf4", "nf4-offload", "nf4-offload-packed", "gemma2-bf16", "gemma3-nf4-offload-packed"])
-def test_graphed_steps_train_as_eager_ones(tmp_path, family, nf4, checkpointing, packed):
+    ("gemma2", False, True, False, False), ("gemma3", True, "offload", True, False)],
+    ids=["bf16", "nf4", "nf4-offload", "nf4-offload-kept", "nf4-offload-packed", "gemma2-bf16",
+         "gemma3-nf4-offload-packed"])
+def test_graphed_steps_train_as_eager_ones(tmp_path, monkeypatch, family, nf4, checkpointing, packed, kept):
     """Four AdamW steps of two micro-batches each (lengths 300 and 200, one batch with
     padding): the graphed run's losses and LoRA weights are the eager run's, given the eager
     run the same bucket-padded batches (padding changes the GEMM shapes, hence their bf16
@@ -107,6 +110,8 @@ def test_graphed_steps_train_as_eager_ones(tmp_path, family, nf4, checkpointing,
     full step: measured 0.14 of the largest weight against unpadded eager, bf16). A large
     learning rate makes a stale LoRA cast in a replay (the optimizer changed A and B since the
     capture) show up at once."""
+    if kept:
+        monkeypatch.setattr(kept_attention, "MIN_LENGTH", 0)
     shape = dict(num_hidden_layers=4, hidden_size=256, intermediate_size=512) if family == "llama" else {}
     save_checkpoint(tmp_path, family, **shape)
     g = torch.Generator().manual_seed(0)

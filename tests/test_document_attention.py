@@ -59,6 +59,8 @@ def test_find_documents_are_the_runs_of_each_row(seed):
 def test_hostile_layouts():
     one_token_docs = torch.arange(1, 9).view(1, 8)
     assert find_documents(one_token_docs).cu_seqlens.tolist() == list(range(9))
+    # a query length of 1 sends FA2 with grouped heads down a path the empty documents break
+    assert find_documents(one_token_docs).max_len == 2
     all_padding = torch.zeros(2, 5, dtype=torch.long)  # each row one document: rows never merge
     assert find_documents(all_padding).cu_seqlens.tolist() == [0, 5, 10]
     same_id_across_rows = torch.ones(3, 4, dtype=torch.long)
@@ -123,6 +125,22 @@ def test_model_with_documents_gives_the_segment_masks_loss_and_gradients(llama, 
     torch.testing.assert_close(loss_p, loss, rtol=1e-5, atol=0)  # fp32: longer rows sum in another order
     for a, b in zip(grads_p, grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * b.abs().max().item())
+
+
+def test_mixed_dtypes_fall_back_to_the_mask():
+    """fp32 weights under bf16 autocast rotate q and k in fp32 beside a bf16 v: the documents
+    (chosen by the compute dtype) then go the mask's way, which autocast casts for SDPA, and
+    give the mask's result (the variable-length kernel would refuse the dtypes; on the CPU it
+    does not exist)."""
+    from nanolora import ops
+    g = torch.Generator().manual_seed(0)
+    docs = find_documents(packed_segments(g, 2, 24))
+    q, k = torch.randn(2, 4, 24, 8, generator=g), torch.randn(2, 2, 24, 8, generator=g)
+    v = torch.randn(2, 2, 24, 8, generator=g).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ops.attention(q, k, v, docs)
+        expected = ops.attention(q, k, v, docs.mask(2, 24))
+    assert torch.equal(got, expected)
 
 
 def test_ddp_and_fsdp_leave_documents_alone():
