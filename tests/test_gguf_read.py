@@ -373,6 +373,32 @@ def test_truncated_file(checkpoints, tmp_path):
         load_model(tmp_path / "cut_header.gguf", device="cpu")
 
 
+def test_every_cut_of_the_header_is_one_clear_error(checkpoints, tmp_path):
+    """A file cut anywhere in its metadata (a length, the middle of a vocabulary string, an
+    array's count) or with a string length past the end is a ValueError naming the file."""
+    hf_folder, _ = checkpoints["llama"]
+    path = convert(hf_folder, tmp_path / "full")
+    data = path.read_bytes()
+    header_end = min(start for _, _, start, _ in GGUFFile(path).tensors.values())
+    cut = tmp_path / "cut.gguf"
+    for end in range(8, header_end, max(1, header_end // 300)):
+        cut.write_bytes(data[:end])
+        with pytest.raises(ValueError, match=r"cut.gguf: (truncated or corrupt GGUF header|not a GGUF)"):
+            GGUFFile(cut)
+    tokens = GGUFFile(path).metadata["tokenizer.ggml.tokens"]
+    first = tokens[-1].encode()
+    token = len(first).to_bytes(8, "little") + first
+    at = data.index(token)
+    huge = data[:at] + (2 ** 62).to_bytes(8, "little") + data[at + 8:]  # a length past the end
+    cut.write_bytes(huge)
+    with pytest.raises(ValueError, match=r"cut.gguf: truncated or corrupt GGUF header"):
+        GGUFFile(cut)
+    bad_utf8 = data[:at + 8] + b"\xff" * len(first) + data[at + 8 + len(first):]
+    cut.write_bytes(bad_utf8)
+    with pytest.raises(ValueError, match=r"cut.gguf: truncated or corrupt GGUF header"):
+        GGUFFile(cut)
+
+
 def test_unsupported_architecture(tmp_path):
     writer = gguf.GGUFWriter(str(tmp_path / "gemma.gguf"), "gemma2")
     writer.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
