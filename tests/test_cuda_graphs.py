@@ -94,14 +94,16 @@ def test_why_graphs_stay_off(llama):
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("family,nf4,checkpointing,packed,kept", [
     ("llama", False, True, False, False), ("llama", True, True, False, False), ("llama", True, "offload", False, False),
+    # fp16 (GPUs without bf16): the GradScaler's scale is read by the replays and updated between them
+    ("llama", True, "offload", False, "fp16"),
     # kept attention (its output offloaded for the recompute) captured too: on for any length here
     ("llama", True, "offload", False, True),
     # packed rows: their documents (variable-length attention) padded with the rows
     ("llama", True, "offload", True, False),
     # Gemma: soft-capped attention and loss (the references), sliding windows, scaled embeddings
     ("gemma2", False, True, False, False), ("gemma3", True, "offload", True, False)],
-    ids=["bf16", "nf4", "nf4-offload", "nf4-offload-kept", "nf4-offload-packed", "gemma2-bf16",
-         "gemma3-nf4-offload-packed"])
+    ids=["bf16", "nf4", "nf4-offload", "nf4-offload-fp16-scaler", "nf4-offload-kept", "nf4-offload-packed",
+         "gemma2-bf16", "gemma3-nf4-offload-packed"])
 def test_graphed_steps_train_as_eager_ones(tmp_path, monkeypatch, family, nf4, checkpointing, packed, kept):
     """Four AdamW steps of two micro-batches each (lengths 300 and 200, one batch with
     padding): the graphed run's losses and LoRA weights are the eager run's, given the eager
@@ -110,7 +112,9 @@ def test_graphed_steps_train_as_eager_ones(tmp_path, monkeypatch, family, nf4, c
     full step: measured 0.14 of the largest weight against unpadded eager, bf16). A large
     learning rate makes a stale LoRA cast in a replay (the optimizer changed A and B since the
     capture) show up at once."""
-    if kept:
+    fp16 = kept == "fp16"
+    dtype = torch.float16 if fp16 else torch.bfloat16
+    if kept is True:
         monkeypatch.setattr(kept_attention, "MIN_LENGTH", 0)
     shape = dict(num_hidden_layers=4, hidden_size=256, intermediate_size=512) if family == "llama" else {}
     save_checkpoint(tmp_path, family, **shape)
@@ -124,14 +128,15 @@ def test_graphed_steps_train_as_eager_ones(tmp_path, monkeypatch, family, nf4, c
     runs = {}
     for graphs in (False, True, False):
         torch.manual_seed(0)
-        model, _ = load_model(tmp_path, device="cuda", dtype=torch.bfloat16, load_in_4bit=nf4)
+        model, _ = load_model(tmp_path, device="cuda", dtype=dtype, load_in_4bit=nf4)
         attach_lora(model, "all", r=8, alpha=16)
         model.train()
         model.grad_checkpointing = checkpointing
         params = lora_parameters(model)
         optimizer = torch.optim.AdamW(params, lr=1e-2, fused=True)
-        scaler = torch.amp.GradScaler("cuda", enabled=False)
-        graphed = cuda_graphs.GraphedMicroSteps(model, params, torch.bfloat16, scaler) if graphs else None
+        # init_scale 2^10 and growth every step: the scale changes between replays
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 10, growth_interval=1, enabled=fp16)
+        graphed = cuda_graphs.GraphedMicroSteps(model, params, dtype, scaler) if graphs else None
         losses = []
         for step, window in enumerate(windows):
             n = sum(int((mb["labels"] != -100).sum()) for mb in window)
@@ -148,11 +153,12 @@ def test_graphed_steps_train_as_eager_ones(tmp_path, monkeypatch, family, nf4, c
                     total += graphed(mb, 1.0 / n)
                 else:
                     mb = cuda_graphs.pad_to_bucket(mb)
-                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                    with torch.autocast("cuda", dtype=dtype):
                         loss = model(**mb)
-                    (loss / n).backward()
+                    scaler.scale(loss / n).backward()
                     total += loss.detach()
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             losses.append(total.item() / n)
         if graphed:
