@@ -91,10 +91,11 @@ def merged_tensors(model, by_rows=False):
                 continue
             # a full fine-tune under FSDP2 holds shards: gathered (a collective, every rank calls it)
             value = distributed.whole(value)
-            if attr == "weight" and isinstance(module, LoRALinear) and not module.merged \
-                    and by_rows and isinstance(value, torch.Tensor):
-                tensor = MergedRows(hf_key(f"{module_name}.{attr}"), module, value.detach())
-            elif attr == "weight" and isinstance(module, LoRALinear) and not module.merged:
+            key = hf_key(f"{module_name}.{attr}")
+            lora = attr == "weight" and isinstance(module, LoRALinear) and not module.merged
+            if lora and by_rows and isinstance(value, torch.Tensor):
+                tensor = MergedRows(key, module, value.detach())
+            elif lora:
                 # W + scale B A as delta += W, in the update's own fresh fp32 tensor: the same sums
                 # (addition commutes; a 16-bit W is exact in fp32) without two more temporaries
                 # the size of W, whose fresh pages cost as much as the arithmetic (GGUF export)
@@ -104,7 +105,6 @@ def merged_tensors(model, by_rows=False):
                 tensor = value.detach()
             else:
                 tensor = ops.dense_weight(value, torch.float32)
-            key = hf_key(f"{module_name}.{attr}")
             if expected.get(key) != tuple(tensor.shape):
                 raise ValueError(f"merging: weight {key!r} of shape {list(tensor.shape)} is not part of a "
                                  f"{model.config.model_type} model with this config (expected "

@@ -69,7 +69,8 @@ class LoRALinear(nn.Module):
         B, A = self.lora_B.float(), self.lora_A.float()
         delta = torch.empty(stop - start, self.in_features, dtype=torch.float32, device=A.device)
         for row in range(start, stop, MERGE_ROWS):  # each block's matmul writes its rows of delta
-            torch.matmul(B[row:min(row + MERGE_ROWS, stop)], A, out=delta[row - start:min(row + MERGE_ROWS, stop) - start])
+            end = min(row + MERGE_ROWS, stop)
+            torch.matmul(B[row:end], A, out=delta[row - start:end - start])
         return delta.mul_(self.scale)  # in place: the same products
 
     @torch.no_grad()
