@@ -24,7 +24,6 @@ import torch
 
 from nanolora import cli, load_model
 from nanolora.checkpoint import DTYPES, parse_size, save_merged
-from nanolora.config import ModelConfig
 from nanolora.default_model import resolve_model
 from nanolora.gguf_write import LORA_QUANTS, QUANTS, write_gguf_lora, write_gguf_model
 from nanolora.load import resolve_checkpoint

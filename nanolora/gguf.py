@@ -174,6 +174,7 @@ class GGUFFile:
             raw = raw.copy()
         return torch.from_numpy(raw).view(stored).reshape(shape)
 
+
 def check_tensor_type(path, name, ggml_type):
     if ggml_type not in GGML_TYPES:
         type_name = OTHER_GGML_TYPES.get(ggml_type, "unknown")
