@@ -377,11 +377,7 @@ def attention(q, k, v, mask, scale=None, softcap=None):
     (nanolora/kept_attention.py; same kernels, same bytes).
     """
     if isinstance(mask, document_attention.Documents):  # documents_or_mask found the kernel covers them
-        if q.dtype == k.dtype == v.dtype:
-            return document_attention.attention(q, k, v, mask, scale)
-        # it judged by the compute dtype: fp32 weights under autocast rotate q and k in fp32
-        # beside a 16-bit v, which the kernel refuses (autocast casts them for SDPA)
-        mask = mask.mask(q.shape[0], q.shape[2])
+        return document_attention.attention(q, k, v, mask, scale)
     if softcap is not None:
         return attention_reference(q, k, v, mask, scale, softcap)
     # the recompute does what the forward did (the switches supported() reads could change between)
@@ -395,8 +391,14 @@ def attention(q, k, v, mask, scale=None, softcap=None):
 def documents_or_mask(documents, x, head_dim, softcap=None):
     """What packed rows' full-attention layers get as `mask` (x: the hidden states [batch, seq,
     hidden]): the documents themselves where flash attention's variable-length kernel will run,
-    else the reference's boolean mask, built here once for all the layers."""
-    if _kernels_enabled and softcap is None and document_attention.covers(x.device, compute_dtype(x), head_dim):
+    else the reference's boolean mask, built here once for all the layers.
+
+    The kernel takes q, k and v in one 16-bit dtype. With x in another (fp32 weights under
+    autocast), RoPE's cos/sin follow x and q, k come out fp32 beside a 16-bit v: the mask's
+    way then, whose SDPA autocast casts."""
+    dtype = compute_dtype(x)
+    if _kernels_enabled and softcap is None and x.dtype == dtype \
+            and document_attention.covers(x.device, dtype, head_dim):
         return documents
     return documents.mask(x.shape[0], x.shape[1])
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from hf_fixtures import checkpoint_fixture, randomize_lora, save_checkpoint
 from hf_fixtures import lora_loss_and_grads as loss_and_grads
-from nanolora import cuda_graphs, load_model
+from nanolora import cuda_graphs, document_attention, load_model
 from nanolora.document_attention import Documents, attention, covers, find_documents
 from nanolora.lora import attach_lora
 from nanolora.model import build_attention_mask
@@ -127,20 +127,22 @@ def test_model_with_documents_gives_the_segment_masks_loss_and_gradients(llama, 
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * b.abs().max().item())
 
 
-def test_mixed_dtypes_fall_back_to_the_mask():
-    """fp32 weights under bf16 autocast rotate q and k in fp32 beside a bf16 v: the documents
-    (chosen by the compute dtype) then go the mask's way, which autocast casts for SDPA, and
-    give the mask's result (the variable-length kernel would refuse the dtypes; on the CPU it
-    does not exist)."""
+def test_mixed_dtypes_fall_back_to_the_mask(monkeypatch):
+    """fp32 weights under bf16 autocast rotate q and k in fp32 beside a bf16 v, which the
+    variable-length kernel refuses: documents_or_mask gives such hidden states the boolean mask
+    (once, for every layer), whose SDPA autocast casts; 16-bit ones keep the documents. The
+    kernel's coverage is faked: on the CPU it does not exist."""
     from nanolora import ops
+    monkeypatch.setattr(document_attention, "covers", lambda device, dtype, head_dim: True)
     g = torch.Generator().manual_seed(0)
     docs = find_documents(packed_segments(g, 2, 24))
-    q, k = torch.randn(2, 4, 24, 8, generator=g), torch.randn(2, 2, 24, 8, generator=g)
-    v = torch.randn(2, 2, 24, 8, generator=g).bfloat16()
+    assert ops.documents_or_mask(docs, torch.zeros(2, 24, 32, dtype=torch.bfloat16), 8) is docs
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = ops.attention(q, k, v, docs)
-        expected = ops.attention(q, k, v, docs.mask(2, 24))
-    assert torch.equal(got, expected)
+        mask = ops.documents_or_mask(docs, torch.zeros(2, 24, 32), 8)
+        assert torch.equal(mask, docs.mask(2, 24))
+        q, k = torch.randn(2, 4, 24, 8, generator=g), torch.randn(2, 2, 24, 8, generator=g)
+        v = torch.randn(2, 2, 24, 8, generator=g).bfloat16()
+        ops.attention(q, k, v, mask)  # runs: autocast casts q, k and v alike for SDPA
 
 
 def test_ddp_and_fsdp_leave_documents_alone():
