@@ -11,6 +11,7 @@ folder after it, so a power cut cannot reorder the rename before the data.
 import os
 import re
 import shutil
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,6 +45,46 @@ def atomic_path(path):
     finally:
         _WRITING.discard(tmp.absolute())
         _remove(tmp)
+
+
+class DiskWriteback:
+    """Sends a file being written to disk while it is still being written: `wrote()` after each
+    large write wakes a thread that fdatasyncs the file. Without it the kernel keeps gigabytes
+    of a large output dirty in memory, and atomic_path's fsync before the rename waits for all
+    of it at the end (an 8.5 GB GGUF); with it that fsync waits only for the last writes.
+    Use as a context manager around the writes; an error of the thread is raised at exit."""
+
+    def __init__(self, file):
+        self.fd, self.error, self.closed = file.fileno(), None, False
+        self.more = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def wrote(self):
+        self.more.set()
+
+    def _run(self):
+        sync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
+        while True:
+            self.more.wait()
+            self.more.clear()
+            if self.closed:
+                return
+            try:
+                sync(self.fd)
+            except OSError as e:  # a full or failing disk: the writer hears of it at exit
+                self.error = e
+                return
+
+    def __exit__(self, *exc):
+        self.closed = True
+        self.more.set()
+        self.thread.join()
+        if self.error is not None and exc[0] is None:
+            raise self.error
 
 
 def clean_leftovers(folder):

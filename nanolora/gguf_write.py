@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from nanolora.checkpoint import MergedRows, check_finite, expected_weights, merged_tensors
-from nanolora.files import atomic_path
+from nanolora.files import DiskWriteback, atomic_path
 from nanolora.gguf import GLOBAL_NAMES, LAYER_NAMES
 from nanolora.gguf_quants import GGML_TYPES, TYPE_IDS, row_bytes
 from nanolora.gguf_quantize import quantize
@@ -342,7 +342,7 @@ def write_gguf(path, metadata: dict, tensors, data, progress=None):
         sizes.append(size)
         offset += size + len(_padding(size))
     header = b"".join(header)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f, DiskWriteback(f) as writeback:
         f.write(header + _padding(len(header)))
         data, written = iter(data), 0
         for i, ((name, shape, ggml_type), size) in enumerate(zip(tensors, sizes)):
@@ -351,6 +351,7 @@ def write_gguf(path, metadata: dict, tensors, data, progress=None):
                 raise ValueError(f"GGUF: tensor {name} has {raw.size} bytes of data, expected {size}")
             f.write(raw)  # the array's buffer as it is (tobytes would copy it first)
             f.write(_padding(size))
+            writeback.wrote()
             written += size
             if progress:
                 progress(i + 1, len(tensors), f"{name} {ggml_type}", written, sum(sizes))

@@ -87,6 +87,42 @@ def test_failure_inside_keeps_the_old_output(tmp_path):
     assert (tmp_path / "f").read_text() == "old" and len(list(tmp_path.iterdir())) == 1
 
 
+
+def test_disk_writeback_syncs_while_writing_and_reports_its_failure(tmp_path, monkeypatch):
+    """DiskWriteback fdatasyncs the file being written after wrote(), before the writer is done;
+    a sync that fails (a full or failing disk) fails the write, and atomic_path keeps the old output."""
+    sync = getattr(os, "fdatasync", os.fsync)
+    name = sync.__name__
+    synced, first_synced = [], files.threading.Event()
+
+    def recording(fd):
+        synced.append((fd, os.fstat(fd).st_size))
+        first_synced.set()
+        return sync(fd)
+    monkeypatch.setattr(files.os, name, recording)
+    with open(tmp_path / "f", "wb") as f, files.DiskWriteback(f) as writeback:
+        fd = f.fileno()
+        f.write(b"x" * 4096)
+        f.flush()
+        writeback.wrote()
+        assert first_synced.wait(10)
+        f.write(b"y" * 100)
+    assert synced[0] == (fd, 4096)  # the first part went to disk before the rest was written
+
+    failed = files.threading.Event()
+
+    def full(fd):
+        failed.set()
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(files.os, name, full)
+    (tmp_path / "out").write_text("old")
+    with pytest.raises(OSError, match="No space left"):
+        with files.atomic_path(tmp_path / "out") as tmp, open(tmp, "wb") as f, files.DiskWriteback(f) as writeback:
+            f.write(b"new")
+            writeback.wrote()
+            assert failed.wait(10)
+    assert (tmp_path / "out").read_text() == "old" and len(list(tmp_path.iterdir())) == 2
+
 # ----------------------------------------------------------------------------- checkpoints
 class _Payload:
     """Unpickling this runs code (writes a marker file): what a hostile trainer_state.pt does."""
