@@ -22,6 +22,7 @@ from nanolora.nf4 import NF4Weight, quantize_nf4
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
+import fp8_gemm  # noqa: E402
 import long_context  # noqa: E402
 import make_checkpoint  # noqa: E402
 
@@ -294,3 +295,25 @@ def test_offload_curve_on_cpu(checkpoints, tmp_path):
     assert list(curves["true"]) == ["1", "2", "3"]
     assert curves["offload"] == curves["true"] == curves["true again"]
     assert "offload vs true None, true vs true None" in run.stdout
+
+
+# ---- fp8_gemm.py ----------------------------------------------------------------------------
+
+def test_fp8_gemm_quantizes_rows_and_runs_on_the_cpu(capsys, monkeypatch):
+    """fp8_gemm's FP8 product is x W^T to e4m3's precision: each operand's values are rounded
+    to 3 mantissa bits after a per-row scale (relative error at most 2^-4 per value, ~2-4% on
+    a random product), while a wrong scale (per tensor where per row was meant, or a missing
+    one) misses by far more. Then the script's CPU run prints its table."""
+    x = torch.randn(48, 256) * torch.logspace(-3, 3, 48)[:, None]  # rows of very different sizes
+    w = torch.randn(80, 256)
+    x8, sx = fp8_gemm.quantize_rows(x)
+    w8, sw = fp8_gemm.quantize_rows(w)
+    assert x8.dtype == torch.float8_e4m3fn and sx.shape == (48, 1) and sw.shape == (80, 1)
+    got = fp8_gemm.fp8_mm(x8, sx, w8, sw).float()
+    exact = x @ w.T
+    row_error = (got - exact).norm(dim=1) / exact.norm(dim=1)  # each row to its own size
+    assert 1e-3 < row_error.max() < 0.08
+    monkeypatch.setattr(sys, "argv", ["fp8_gemm.py"])
+    fp8_gemm.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[0] for row in rows[1:]] == ["| " + name for name, _, _ in fp8_gemm.SHAPES_8B]

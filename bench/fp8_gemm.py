@@ -1,0 +1,128 @@
+"""Would an FP8 path for the frozen base's matmuls pay? The GEMMs of one Llama-3-8B block, bf16
+against FP8 (torch._scaled_mm, e4m3, one scale per row of each operand), with what FP8 adds.
+
+    python bench/fp8_gemm.py                 # H200: 2 x 2048 tokens, the 8B shapes
+    python bench/fp8_gemm.py --tokens 8192
+
+issue 8 offers `--fp8 true` as an opt-in extra. Before building it this measures, per
+projection of the 8B block (x [T, in], W [out, in]):
+
+    bf16 fwd     y = x W^T                                 what every step does today
+    fp8 fwd      y = (x8 W8^T) * sx * sw                   x8, W8 e4m3; sx [T, 1], sw [1, out]
+    quant x      sx = amax|x| / 448 per row, x8 = x / sx   torch ops: the activation's extra passes
+    bf16 bwd     dx = dy W
+    fp8 bwd      dx = (dy8 W8t^T) * sdy * swt              needs W^T in e4m3 too (W8t [in, out])
+    quant dy     as quant x, for dy [T, out]
+    nf4 -> bf16  the dequantization an NF4 base pays per use today (kernels/nf4_dequant.py)
+
+then the block's totals and the FP8 block's speed over bf16's, with and without the quant
+passes (which a fused kernel could hide inside RMSNorm or the activation), and each FP8
+output's error relative to the fp32 product. Times are CUDA-event medians. On a machine
+without CUDA it runs tiny shapes on the CPU: a check that it runs, not a measurement.
+"""
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
+SHAPES_8B = [("q_proj+k_proj+v_proj", 4096, 6144), ("o_proj", 4096, 4096),
+             ("gate_proj+up_proj", 4096, 28672), ("down_proj", 14336, 4096)]  # (name, in, out)
+
+
+def quantize_rows(t):
+    """(t8 e4m3, scale [rows, 1] fp32) with t ~= t8 * scale, one scale per row."""
+    scale = t.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
+    return (t.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def fp8_mm(a8, a_scale, b8_rows, b_scale):
+    """a [M, K] @ b^T for b given as rows [N, K]: (a8 b8^T) * a_scale * b_scale^T in bf16."""
+    return torch._scaled_mm(a8, b8_rows.T, scale_a=a_scale, scale_b=b_scale.T, out_dtype=torch.bfloat16)
+
+
+def timed(fn, repeat):
+    """Median milliseconds of fn() (CUDA events; wall clock on the CPU)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            import time
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def relative_error(got, a, b_rows):
+    exact = a.float() @ b_rows.float().T
+    return ((got.float() - exact).norm() / exact.norm()).item()
+
+
+def measure(name, tokens, d_in, d_out, device, repeat):
+    from nanolora.nf4 import quantize_nf4
+    from nanolora.ops import dequantize_nf4
+    x = torch.randn(tokens, d_in, device=device, dtype=torch.bfloat16)
+    w = torch.randn(d_out, d_in, device=device, dtype=torch.bfloat16) * d_in ** -0.5
+    dy = torch.randn(tokens, d_out, device=device, dtype=torch.bfloat16)
+    w8, sw = quantize_rows(w)
+    wt8, swt = quantize_rows(w.T.contiguous())
+    x8, sx = quantize_rows(x)
+    dy8, sdy = quantize_rows(dy)
+    nf4 = quantize_nf4(w)
+    row = dict(name=name, shape=f"{tokens}x{d_in} -> {d_out}",
+               bf16_fwd=timed(lambda: x @ w.T, repeat), fp8_fwd=timed(lambda: fp8_mm(x8, sx, w8, sw), repeat),
+               quant_x=timed(lambda: quantize_rows(x), repeat),
+               bf16_bwd=timed(lambda: dy @ w, repeat), fp8_bwd=timed(lambda: fp8_mm(dy8, sdy, wt8, swt), repeat),
+               quant_dy=timed(lambda: quantize_rows(dy), repeat),
+               nf4=timed(lambda: dequantize_nf4(nf4, torch.bfloat16), repeat),
+               err_fwd=relative_error(fp8_mm(x8, sx, w8, sw), x, w),
+               err_bwd=relative_error(fp8_mm(dy8, sdy, wt8, swt), dy, w.T))
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens per step (2 x 2048 by default)")
+    parser.add_argument("--repeat", type=int, default=20)
+    args = parser.parse_args()
+    if torch.cuda.is_available():
+        device, shapes, tokens = "cuda", SHAPES_8B, args.tokens
+    else:  # a check that the script runs: tiny shapes, not a measurement
+        device, tokens = "cpu", 32
+        shapes = [(name, d_in // 64, d_out // 64) for name, d_in, d_out in SHAPES_8B]
+        args.repeat = 2
+    rows = [measure(name, tokens, d_in, d_out, device, args.repeat) for name, d_in, d_out in shapes]
+    print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU (tiny shapes: not a measurement)'}, "
+          f"{tokens} tokens, median of {args.repeat}, ms")
+    print("| projection | shape | bf16 fwd | fp8 fwd | quant x | bf16 bwd | fp8 bwd | quant dy | nf4 -> bf16 "
+          "| fp8 error fwd / bwd |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']} | {r['shape']} | {r['bf16_fwd']:.3f} | {r['fp8_fwd']:.3f} | {r['quant_x']:.3f} | "
+              f"{r['bf16_bwd']:.3f} | {r['fp8_bwd']:.3f} | {r['quant_dy']:.3f} | {r['nf4']:.3f} | "
+              f"{r['err_fwd']:.4f} / {r['err_bwd']:.4f} |")
+    total = {k: sum(r[k] for r in rows) for k in rows[0] if k not in ("name", "shape")}
+    # a step runs each base GEMM forward twice (forward, checkpoint recompute) and backward once
+    bf16 = 2 * total["bf16_fwd"] + total["bf16_bwd"]
+    fp8_gemms = 2 * total["fp8_fwd"] + total["fp8_bwd"]
+    fp8_all = fp8_gemms + 2 * total["quant_x"] + total["quant_dy"]
+    fp8_fwd_only = 2 * (total["fp8_fwd"] + total["quant_x"]) + total["bf16_bwd"]
+    print(f"\nper block and step (2 forwards + 1 backward): bf16 {bf16:.3f} ms; fp8 GEMMs alone {fp8_gemms:.3f} "
+          f"({bf16 / fp8_gemms:.2f}x); fp8 with unfused quant passes {fp8_all:.3f} ({bf16 / fp8_all:.2f}x); "
+          f"fp8 forwards only, bf16 backward {fp8_fwd_only:.3f} ({bf16 / fp8_fwd_only:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
