@@ -14,14 +14,16 @@ dequantized first), and the merged weights are rounded once, to the output's dty
                                      and tokenizer_config.json written from its tokenizer
 """
 import json
+import math
 import shutil
+import struct
+from itertools import islice
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from nanolora import distributed, ops
-from nanolora.files import atomic_path
+from nanolora.files import DiskWriteback, atomic_path
 from nanolora.lora import MERGE_ROWS, LoRALinear
 from nanolora.model import Transformer, hf_key
 
@@ -33,6 +35,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 def expected_weights(config) -> dict:
@@ -138,6 +141,8 @@ def parse_size(text) -> int:
 def save_merged(model, tokenizer, folder, dtype=torch.bfloat16, shard_size=5 * 10**9, source=None,
                 progress=None):
     """Write `model` with its LoRA merged into `folder` (see the module docstring), atomically.
+    The shards are planned from the config's shapes, so each file is written as its tensors are
+    merged, one at a time: no shard is gathered in memory first (a 5 GB shard of an 8B model).
 
     source: the base model's folder (tokenizer and generation config are copied from it) or
     .gguf file. progress: called as progress(done, total, tensor key) after each tensor.
@@ -148,33 +153,27 @@ def save_merged(model, tokenizer, folder, dtype=torch.bfloat16, shard_size=5 * 1
     if architectures == [None]:
         raise ValueError(f"merged export: the base config has no 'architectures' and model_type "
                          f"{config.model_type!r} has no default (known: {', '.join(HF_ARCHITECTURES)})")
-    with atomic_path(folder) as tmp:
-        tmp.mkdir(parents=True)
-        shards, shard, shard_bytes, total_size, done = [], {}, 0, 0, 0
+    shards = plan_shards(expected, dtype.itemsize, shard_size)
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
 
-        def flush():
-            path = tmp / f"shard-{len(shards)}.safetensors"
-            save_file(shard, path, metadata={"format": "pt"})
-            shards.append((path, list(shard)))
-
-        for key, tensor in merged_tensors(model):
-            tensor = tensor.to(dtype).contiguous()
-            size = tensor.numel() * tensor.element_size()
-            if shard and shard_bytes + size > shard_size:  # as transformers: a new shard when this one is full
-                flush()
-                shard, shard_bytes = {}, 0
-            shard[key], shard_bytes, total_size = tensor, shard_bytes + size, total_size + size
-            done += 1
+    def in_order():  # the merged weights, each rounded to dtype when the writer asks for it
+        for done, (key, (got_key, tensor)) in enumerate(zip(expected, merged_tensors(model)), 1):
+            if got_key != key:
+                raise ValueError(f"merged export: expected weight {key!r} next, the model gave {got_key!r}")
             if progress:
                 progress(done, len(expected), key)
-        flush()
-        weight_map = {}
-        for i, (path, keys) in enumerate(shards):
-            name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            path.rename(tmp / name)
-            weight_map.update(dict.fromkeys(keys, name))
+            yield tensor.to(dtype)
+
+    with atomic_path(folder) as tmp:
+        tmp.mkdir(parents=True)
+        weights = in_order()
+        for name, shard in zip(names, shards):  # each file written as its tensors are made
+            write_safetensors(tmp / name, {key: (dtype, expected[key]) for key in shard}, islice(weights, len(shard)))
         if len(shards) > 1:
-            index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+            total_size = sum(math.prod(shape) for shape in expected.values()) * dtype.itemsize
+            index = {"metadata": {"total_size": total_size},
+                     "weight_map": {key: name for name, shard in zip(names, shards) for key in shard}}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
         hf_config = {k: v for k, v in config.hf_config.items() if k != "quantization_config"}
@@ -198,6 +197,43 @@ def save_merged(model, tokenizer, folder, dtype=torch.bfloat16, shard_size=5 * 1
                     shutil.copy(base / name, tmp)
         else:
             write_tokenizer_files(tokenizer, tmp)
+
+
+def plan_shards(expected, element_size, shard_size):
+    """The keys of `expected` ({key: shape}, in order) cut into shards as transformers cuts
+    them: a new shard when the next tensor would take this one past shard_size bytes."""
+    shards, shard_bytes = [[]], 0
+    for key, shape in expected.items():
+        size = math.prod(shape) * element_size
+        if shards[-1] and shard_bytes + size > shard_size:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append(key)
+        shard_bytes += size
+    return shards
+
+
+def write_safetensors(path, table, tensors):
+    """A safetensors file of `table` ({key: (dtype, shape)}, in file order), whose data come from
+    the iterable `tensors` in the same order as the file is written: one tensor in memory at a
+    time, sent to disk while the next is made (files.DiskWriteback). The format: the header's
+    length (u64, little-endian), the JSON header (each key's dtype, shape and [start, end) in
+    the data; spaces pad it to a multiple of 8 bytes, so every tensor starts aligned), the data."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for key, (dtype, shape) in table.items():
+        size = math.prod(shape) * dtype.itemsize
+        header[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as f, DiskWriteback(f) as writeback:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        for (key, (dtype, shape)), tensor in zip(table.items(), tensors, strict=True):
+            if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+                raise ValueError(f"{path}: tensor {key!r} is {tensor.dtype} {tuple(tensor.shape)}, "
+                                 f"expected {dtype} {tuple(shape)}")
+            f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            writeback.wrote()
 
 
 def write_tokenizer_files(tokenizer, folder):

@@ -116,6 +116,44 @@ def test_merged_from_gguf_base(trained, tmp_path):
         assert ref_tokenizer.encode(text) == tokenizer.encode(text), text
 
 
+
+def test_write_safetensors_streams_what_safetensors_reads(tmp_path):
+    """checkpoint.write_safetensors: the safetensors library reads back every key, dtype, shape
+    and value (f32, f16 and bf16; odd sizes, so the header padding is exercised); each tensor is
+    in the file before the next is asked for (one in memory at a time); a tensor other than
+    the table says is an error naming its key."""
+    from safetensors import safe_open
+
+    from nanolora.checkpoint import write_safetensors
+    path = tmp_path / "x.safetensors"
+    values = {"a.weight": torch.randn(3, 5), "b.weight": torch.randn(7).half(), "c": torch.randn(2, 3, 1).bfloat16()}
+    table = {key: (t.dtype, tuple(t.shape)) for key, t in values.items()}
+    sizes_when_asked = []
+
+    def tensors():
+        for t in values.values():
+            sizes_when_asked.append(path.stat().st_size)
+            yield t
+    write_safetensors(path, table, tensors())
+    header_end = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    assert header_end % 8 == 0
+    assert sizes_when_asked[1:] == [header_end + 60, header_end + 74]  # 15 f32, then 7 f16 written
+    with safe_open(path, "pt") as f:
+        assert list(f.keys()) == sorted(values) and f.metadata() == {"format": "pt"}
+        for key, t in values.items():
+            assert torch.equal(f.get_tensor(key), t) and f.get_tensor(key).dtype == t.dtype
+    with pytest.raises(ValueError, match=r"tensor 'b.weight' is torch.float32 \(7,\), expected torch.float16 \(7,\)"):
+        write_safetensors(path, table, iter([values["a.weight"], torch.randn(7), values["c"]]))
+
+
+def test_shards_are_planned_as_transformers_cuts_them():
+    """A new shard when the next tensor would pass shard_size; a tensor bigger than a shard
+    gets one of its own. Sizes by hand at 2 bytes a value."""
+    from nanolora.checkpoint import plan_shards
+    expected = {"a": (10,), "b": (20,), "c": (30,), "d": (100,), "e": (1,)}  # 20, 40, 60, 200, 2 bytes
+    assert plan_shards(expected, 2, 100) == [["a", "b"], ["c"], ["d"], ["e"]]
+    assert plan_shards(expected, 2, 10**9) == [list(expected)]
+
 # -------------------------------------------------------------------- the default run
 
 def test_default_run_exports_to_every_format(tmp_path):
