@@ -158,9 +158,10 @@ def save_merged(model, tokenizer, folder, dtype=torch.bfloat16, shard_size=5 * 1
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
 
     def in_order():  # the merged weights, each rounded to dtype when the writer asks for it
-        for done, (key, (got_key, tensor)) in enumerate(zip(expected, merged_tensors(model)), 1):
-            if got_key != key:
-                raise ValueError(f"merged export: expected weight {key!r} next, the model gave {got_key!r}")
+        planned = iter(expected)
+        for done, (key, tensor) in enumerate(merged_tensors(model), 1):
+            if key != next(planned, None):  # the shards' headers were written in this order
+                raise ValueError(f"merged export: the model gave weight {key!r} out of checkpoint order")
             if progress:
                 progress(done, len(expected), key)
             yield tensor.to(dtype)
@@ -170,6 +171,7 @@ def save_merged(model, tokenizer, folder, dtype=torch.bfloat16, shard_size=5 * 1
         weights = in_order()
         for name, shard in zip(names, shards):  # each file written as its tensors are made
             write_safetensors(tmp / name, {key: (dtype, expected[key]) for key in shard}, islice(weights, len(shard)))
+        next(weights, None)  # runs merged_tensors to its end, which checks that nothing was extra
         if len(shards) > 1:
             total_size = sum(math.prod(shape) for shape in expected.values()) * dtype.itemsize
             index = {"metadata": {"total_size": total_size},
@@ -228,7 +230,11 @@ def write_safetensors(path, table, tensors):
     encoded += b" " * (-len(encoded) % 8)
     with open(path, "wb") as f, DiskWriteback(f) as writeback:
         f.write(struct.pack("<Q", len(encoded)) + encoded)
-        for (key, (dtype, shape)), tensor in zip(table.items(), tensors, strict=True):
+        tensors = iter(tensors)
+        for key, (dtype, shape) in table.items():
+            tensor = next(tensors, None)
+            if tensor is None:
+                raise ValueError(f"{path}: no data came for tensor {key!r}")
             if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
                 raise ValueError(f"{path}: tensor {key!r} is {tensor.dtype} {tuple(tensor.shape)}, "
                                  f"expected {dtype} {tuple(shape)}")

@@ -146,6 +146,23 @@ def test_write_safetensors_streams_what_safetensors_reads(tmp_path):
         write_safetensors(path, table, iter([values["a.weight"], torch.randn(7), values["c"]]))
 
 
+def test_merged_export_refuses_weights_out_of_plan(tmp_path, monkeypatch):
+    """The shards' headers are written before their data: weights that come in another order,
+    or too few, are an error and leave no folder (never a file whose header mislabels data)."""
+    from nanolora import checkpoint
+    save_checkpoint(tmp_path / "base", "llama")
+    model, tokenizer = load_model(tmp_path / "base", device="cpu")
+    real = checkpoint.merged_tensors
+    weights = list(real(model))
+    swapped = weights[:1] + [weights[2], weights[1]] + weights[3:]
+    monkeypatch.setattr(checkpoint, "merged_tensors", lambda model: iter(swapped))
+    with pytest.raises(ValueError, match=f"gave weight {weights[2][0]!r} out of checkpoint order"):
+        checkpoint.save_merged(model, tokenizer, tmp_path / "out", shard_size=10**4)
+    monkeypatch.setattr(checkpoint, "merged_tensors", lambda model: iter(weights[:-1]))
+    with pytest.raises(ValueError, match="no data came for tensor"):
+        checkpoint.save_merged(model, tokenizer, tmp_path / "out", shard_size=10**4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
 def test_shards_are_planned_as_transformers_cuts_them():
     """A new shard when the next tensor would pass shard_size; a tensor bigger than a shard
     gets one of its own. Sizes by hand at 2 bytes a value."""
