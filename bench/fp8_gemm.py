@@ -23,6 +23,7 @@ without CUDA it runs tiny shapes on the CPU: a check that it runs, not a measure
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -58,7 +59,6 @@ def timed(fn, repeat):
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
         else:
-            import time
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
@@ -98,6 +98,8 @@ def main():
     parser.add_argument("--repeat", type=int, default=20)
     args = parser.parse_args()
     if torch.cuda.is_available():
+        if torch.cuda.get_device_capability() < (8, 9):
+            sys.exit(f"{torch.cuda.get_device_name()}: FP8 matmuls need compute capability 8.9 or later (Ada, Hopper)")
         device, shapes, tokens = "cuda", SHAPES_8B, args.tokens
     else:  # a check that the script runs: tiny shapes, not a measurement
         device, tokens = "cpu", 32

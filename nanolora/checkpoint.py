@@ -114,6 +114,7 @@ def merged_tensors(model, by_rows=False):
                                  f"{list(expected[key]) if key in expected else 'no such weight'})")
             produced += 1
             yield key, tensor if isinstance(tensor, MergedRows) else tensor.cpu()
+            del tensor, value  # not held while the next weight is gathered and merged
     if produced != len(expected):
         raise ValueError(f"merging: the model gave {produced} weights, a {model.config.model_type} model with "
                          f"this config has {len(expected)}")
@@ -145,7 +146,7 @@ def save_merged(model, tokenizer, folder, dtype=torch.bfloat16, shard_size=5 * 1
     merged, one at a time: no shard is gathered in memory first (a 5 GB shard of an 8B model).
 
     source: the base model's folder (tokenizer and generation config are copied from it) or
-    .gguf file. progress: called as progress(done, total, tensor key) after each tensor.
+    .gguf file. progress: called as progress(done, total, tensor key) as each tensor is merged.
     """
     config = model.config
     expected = expected_weights(config)
@@ -164,7 +165,9 @@ def save_merged(model, tokenizer, folder, dtype=torch.bfloat16, shard_size=5 * 1
                 raise ValueError(f"merged export: the model gave weight {key!r} out of checkpoint order")
             if progress:
                 progress(done, len(expected), key)
-            yield tensor.to(dtype)
+            tensor = tensor.to(dtype)
+            yield tensor
+            del tensor  # before the next merge: one merged weight in memory at a time
 
     with atomic_path(folder) as tmp:
         tmp.mkdir(parents=True)
@@ -220,11 +223,13 @@ def write_safetensors(path, table, tensors):
     the iterable `tensors` in the same order as the file is written: one tensor in memory at a
     time, sent to disk while the next is made (files.DiskWriteback). The format: the header's
     length (u64, little-endian), the JSON header (each key's dtype, shape and [start, end) in
-    the data; spaces pad it to a multiple of 8 bytes, so every tensor starts aligned), the data."""
+    the data; spaces pad it to a multiple of 8 bytes, so every tensor starts aligned), the data.
+    Not atomic by itself: an error leaves a partial file, so callers write inside atomic_path."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for key, (dtype, shape) in table.items():
         size = math.prod(shape) * dtype.itemsize
-        header[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                       "data_offsets": [offset, offset + size]}
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
@@ -239,6 +244,7 @@ def write_safetensors(path, table, tensors):
                 raise ValueError(f"{path}: tensor {key!r} is {tensor.dtype} {tuple(tensor.shape)}, "
                                  f"expected {dtype} {tuple(shape)}")
             f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            del tensor  # before the next one is made
             writeback.wrote()
 
 

@@ -49,13 +49,14 @@ def atomic_path(path):
 
 class DiskWriteback:
     """Sends a file being written to disk while it is still being written: `wrote()` after each
-    large write flushes Python's buffer and wakes a thread that fdatasyncs the file. Without it the kernel keeps gigabytes
-    of a large output dirty in memory, and atomic_path's fsync before the rename waits for all
-    of it at the end (an 8.5 GB GGUF); with it that fsync waits only for the last writes.
-    Use as a context manager around the writes; an error of the thread is raised at exit."""
+    large write flushes Python's buffer and wakes a thread that fdatasyncs the file. Without it
+    the kernel keeps gigabytes of a large output dirty in memory, and atomic_path's fsync before
+    the rename waits for all of it at the end (an 8.5 GB GGUF); with it that fsync waits only
+    for the last writes. Use as a context manager around the writes. A failed sync (a full or
+    failing disk) is raised, naming the file, by the next wrote() or at exit."""
 
     def __init__(self, file):
-        self.file, self.fd, self.error, self.closed = file, file.fileno(), None, False
+        self.file, self.fd, self.error, self.stopping = file, file.fileno(), None, False
         self.more = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -64,28 +65,33 @@ class DiskWriteback:
         return self
 
     def wrote(self):
+        self._raise_error()
         self.file.flush()
         self.more.set()
+
+    def _raise_error(self):
+        if self.error is not None:  # the OSError again, with the file's name (the thread's had none)
+            raise OSError(self.error.errno, self.error.strerror, self.file.name) from self.error
 
     def _run(self):
         sync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
         while True:
             self.more.wait()
             self.more.clear()
-            if self.closed:
+            if self.stopping:
                 return
             try:
                 sync(self.fd)
-            except OSError as e:  # a full or failing disk: the writer hears of it at exit
+            except OSError as e:
                 self.error = e
                 return
 
     def __exit__(self, *exc):
-        self.closed = True
+        self.stopping = True
         self.more.set()
         self.thread.join()
-        if self.error is not None and exc[0] is None:
-            raise self.error
+        if exc[0] is None:
+            self._raise_error()
 
 
 def clean_leftovers(folder):

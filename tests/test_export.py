@@ -116,7 +116,6 @@ def test_merged_from_gguf_base(trained, tmp_path):
         assert ref_tokenizer.encode(text) == tokenizer.encode(text), text
 
 
-
 def test_write_safetensors_streams_what_safetensors_reads(tmp_path):
     """checkpoint.write_safetensors: the safetensors library reads back every key, dtype, shape
     and value (f32, f16 and bf16; odd sizes, so the header padding is exercised); each tensor is
@@ -161,7 +160,11 @@ def test_merged_export_refuses_weights_out_of_plan(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "merged_tensors", lambda model: iter(weights[:-1]))
     with pytest.raises(ValueError, match="no data came for tensor"):
         checkpoint.save_merged(model, tokenizer, tmp_path / "out", shard_size=10**4)
+    monkeypatch.setattr(checkpoint, "merged_tensors", lambda model: iter(weights + weights[-1:]))
+    with pytest.raises(ValueError, match="out of checkpoint order"):  # one too many: never dropped silently
+        checkpoint.save_merged(model, tokenizer, tmp_path / "out", shard_size=10**4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
 
 def test_shards_are_planned_as_transformers_cuts_them():
     """A new shard when the next tensor would pass shard_size; a tensor bigger than a shard
@@ -169,9 +172,12 @@ def test_shards_are_planned_as_transformers_cuts_them():
     from nanolora.checkpoint import plan_shards
     expected = {"a": (10,), "b": (20,), "c": (30,), "d": (100,), "e": (1,)}  # 20, 40, 60, 200, 2 bytes
     assert plan_shards(expected, 2, 100) == [["a", "b"], ["c"], ["d"], ["e"]]
+    assert plan_shards(expected, 2, 60) == [["a", "b"], ["c"], ["d"], ["e"]]  # exactly full: no new shard
+    assert plan_shards(expected, 2, 59) == [["a"], ["b"], ["c"], ["d"], ["e"]]
     assert plan_shards(expected, 2, 10**9) == [list(expected)]
 
 # -------------------------------------------------------------------- the default run
+
 
 def test_default_run_exports_to_every_format(tmp_path):
     """train.py's default settings on a tiny checkpoint (hidden 64: every K-quant row falls

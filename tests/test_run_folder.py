@@ -87,7 +87,6 @@ def test_failure_inside_keeps_the_old_output(tmp_path):
     assert (tmp_path / "f").read_text() == "old" and len(list(tmp_path.iterdir())) == 1
 
 
-
 def test_disk_writeback_syncs_while_writing_and_reports_its_failure(tmp_path, monkeypatch):
     """DiskWriteback fdatasyncs the file being written after wrote(), before the writer is done;
     a sync that fails (a full or failing disk) fails the write, and atomic_path keeps the old output."""
@@ -102,12 +101,12 @@ def test_disk_writeback_syncs_while_writing_and_reports_its_failure(tmp_path, mo
     monkeypatch.setattr(files.os, name, recording)
     with open(tmp_path / "f", "wb") as f, files.DiskWriteback(f) as writeback:
         fd = f.fileno()
-        f.write(b"x" * 4096)
-        f.flush()
+        f.write(b"x" * 4096)  # within Python's buffer: wrote() flushes it
         writeback.wrote()
         assert first_synced.wait(10)
         f.write(b"y" * 100)
     assert synced[0] == (fd, 4096)  # the first part went to disk before the rest was written
+    assert not writeback.thread.is_alive()
 
     failed = files.threading.Event()
 
@@ -116,12 +115,16 @@ def test_disk_writeback_syncs_while_writing_and_reports_its_failure(tmp_path, mo
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(files.os, name, full)
     (tmp_path / "out").write_text("old")
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match=r"No space left on device: '.*\.out\.tmp-"):  # the file named
         with files.atomic_path(tmp_path / "out") as tmp, open(tmp, "wb") as f, files.DiskWriteback(f) as writeback:
             f.write(b"new")
             writeback.wrote()
             assert failed.wait(10)
+            writeback.thread.join(10)
+            writeback.wrote()  # the next write hears of it, not only the end
+            pytest.fail("wrote() after a failed sync did not raise")
     assert (tmp_path / "out").read_text() == "old" and len(list(tmp_path.iterdir())) == 2
+
 
 # ----------------------------------------------------------------------------- checkpoints
 class _Payload:
