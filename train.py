@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from nanolora import cli, cuda_graphs, distributed, full_finetune, load_model
+from nanolora import cli, cuda_graphs, distributed, full_finetune, load_model, ops
 from nanolora.cpu_threads import CPUThreads
 from nanolora.data import IGNORE, Batches, load_examples, pad_token_id, split_eval
 from nanolora.default_model import DEFAULT_MODEL, resolve_model
@@ -56,6 +56,7 @@ DEFAULTS = dict(
     epochs=1,
     lr=1e-3, schedule="cosine", warmup_steps=4, weight_decay=0.0, max_grad_norm=1.0,
     optim="adamw",              # adamw (fp32 state: 8 bytes/param) | adamw_8bit (blockwise 8-bit: 2.03 bytes/param)
+    fp8=False,                  # the frozen base's forward GEMMs in FP8 (Ada/Hopper; kernels/fp8_matmul.py)
     seed=1337,
     grad_checkpointing="auto",  # false | true | offload (inputs wait in CPU memory) | auto: offload when graphed
     cuda_graphs="auto",         # replay each micro-step as a CUDA graph (nanolora/cuda_graphs.py); auto: when --pack
@@ -101,7 +102,12 @@ def parse_settings(argv=None):
                      "use --parallel ddp or --optim adamw")
     if not 0 <= s.dropout < 1:
         parser.error(f"--dropout must be in [0, 1), got {s.dropout}")
+    if s.fp8 and (s.full or s.dropout > 0):
+        parser.error("--fp8 true is for the frozen base under LoRA without dropout (the fused path): "
+                     "it needs --full false and --dropout 0")
     s.device = str(cli.parse_device(parser, s.device))
+    if s.fp8:
+        cli.check_fp8(parser, torch.device(s.device), ops.kernels_enabled())
     return s
 
 
@@ -241,6 +247,7 @@ def main(argv=None):
         full_finetune.make_trainable(model)
     else:
         attach_lora(model, s.targets, r=s.r, alpha=s.alpha, dropout=s.dropout, rslora=s.rslora)
+        ops.use_fp8(s.fp8)
     # graphs auto: only packed rows, nearly full already, are padded to a graph's length for free
     graphs_off = cuda_graphs.why_not(model, device, world_size=world, full=s.full) \
         if s.cuda_graphs is True or (s.cuda_graphs == "auto" and s.pack) else f"--cuda_graphs {s.cuda_graphs}, --pack {s.pack}"

@@ -29,21 +29,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nanolora.kernels.fp8_matmul import fp8_matmul, quantize_rows  # noqa: E402
 
-E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
 SHAPES_8B = [("q_proj+k_proj+v_proj", 4096, 6144), ("o_proj", 4096, 4096),
              ("gate_proj+up_proj", 4096, 28672), ("down_proj", 14336, 4096)]  # (name, in, out)
-
-
-def quantize_rows(t):
-    """(t8 e4m3, scale [rows, 1] fp32) with t ~= t8 * scale, one scale per row."""
-    scale = t.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
-    return (t.float() / scale).to(torch.float8_e4m3fn), scale
-
-
-def fp8_mm(a8, a_scale, b8_rows, b_scale):
-    """a [M, K] @ b^T for b given as rows [N, K]: (a8 b8^T) * a_scale * b_scale^T in bf16."""
-    return torch._scaled_mm(a8, b8_rows.T, scale_a=a_scale, scale_b=b_scale.T, out_dtype=torch.bfloat16)
 
 
 def timed(fn, repeat):
@@ -82,13 +71,13 @@ def measure(name, tokens, d_in, d_out, device, repeat):
     dy8, sdy = quantize_rows(dy)
     nf4 = quantize_nf4(w)
     row = dict(name=name, shape=f"{tokens}x{d_in} -> {d_out}",
-               bf16_fwd=timed(lambda: x @ w.T, repeat), fp8_fwd=timed(lambda: fp8_mm(x8, sx, w8, sw), repeat),
+               bf16_fwd=timed(lambda: x @ w.T, repeat), fp8_fwd=timed(lambda: fp8_matmul(x8, sx, w8, sw), repeat),
                quant_x=timed(lambda: quantize_rows(x), repeat),
-               bf16_bwd=timed(lambda: dy @ w, repeat), fp8_bwd=timed(lambda: fp8_mm(dy8, sdy, wt8, swt), repeat),
+               bf16_bwd=timed(lambda: dy @ w, repeat), fp8_bwd=timed(lambda: fp8_matmul(dy8, sdy, wt8, swt), repeat),
                quant_dy=timed(lambda: quantize_rows(dy), repeat),
                nf4=timed(lambda: dequantize_nf4(nf4, torch.bfloat16), repeat),
-               err_fwd=relative_error(fp8_mm(x8, sx, w8, sw), x, w),
-               err_bwd=relative_error(fp8_mm(dy8, sdy, wt8, swt), dy, w.T))
+               err_fwd=relative_error(fp8_matmul(x8, sx, w8, sw), x, w),
+               err_bwd=relative_error(fp8_matmul(dy8, sdy, wt8, swt), dy, w.T))
     return row
 
 

@@ -16,7 +16,8 @@ System `nanolora` runs train.py's defaults for fixed shapes: the micro-step repl
 graph, the checkpointed block inputs offloaded to CPU memory. `nanolora-keep` keeps those
 inputs on the GPU (--grad_checkpointing true); `nanolora-eager` launches every kernel from
 Python (--cuda_graphs false, inputs kept); `nanolora-ref` is eager with NANOLORA_KERNELS=0 (the
-torch references, no fused kernels), so one table shows what each part buys.
+torch references, no fused kernels), so one table shows what each part buys. `nanolora-fp8`
+is the default with the base's forward GEMMs in FP8 (--fp8 true; an opt-in, not in the defaults).
 HF is skipped from 32k tokens on (it needs ~61 GiB and minutes per step there; PEERS.md has
 its number).
 
@@ -39,7 +40,7 @@ from long_context import SLOPE_CONFIGS, print_slope_table
 HERE = Path(__file__).resolve().parent
 NAMES = {"nanolora": "nanolora", "nanolora-ref": "nanolora, NANOLORA_KERNELS=0",
          "nanolora-keep": "nanolora, --grad_checkpointing true",
-         "nanolora-eager": "nanolora, --cuda_graphs false",
+         "nanolora-eager": "nanolora, --cuda_graphs false", "nanolora-fp8": "nanolora, --fp8 true",
          "hf": "HF transformers + PEFT (+ bnb)", "unsloth": "Unsloth"}
 CHECKPOINTS = {"8b": ("/tmp/llama8b", "llama3-8b"), "1b": ("/tmp/llama1b", "llama3.2-1b"),
                "70b": ("/tmp/llama70b-nf4", "llama3-70b")}
@@ -106,6 +107,7 @@ def main():
             if system.startswith("nanolora"):
                 cmd += ["--checkpointing", "true"] if system == "nanolora-keep" else []
                 cmd += ["--graphs", "false"] if system in ("nanolora-eager", "nanolora-ref") else []
+                cmd += ["--fp8"] if system == "nanolora-fp8" else []
             run = subprocess.run(cmd, capture_output=True, text=True, env=env)
             lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
             if run.returncode or not lines:

@@ -34,7 +34,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def nanolora_setup(path, args):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from nanolora import cuda_graphs, full_finetune, load_model
+    from nanolora import cuda_graphs, full_finetune, load_model, ops
     from nanolora.lora import attach_lora, lora_parameters
     from nanolora.optim import make_optimizer
     from train import accumulate_gradients, count_labels
@@ -46,6 +46,7 @@ def nanolora_setup(path, args):
     else:
         attach_lora(model, "all", r=16, alpha=16)
         params = lora_parameters(model)
+        ops.use_fp8(args.fp8)  # as train.py --fp8 true
     graphs_off = cuda_graphs.why_not(model, device, full=args.full) if args.graphs == "true" else "--graphs false"
     # as train.py's auto: offload when the step is a CUDA graph, else keep the inputs on the GPU
     auto = "offload" if not graphs_off else True
@@ -152,6 +153,7 @@ def main():
                         help="nanolora: each row packed from this many equal documents (segment ids, positions from 0)")
     parser.add_argument("--docs_masked", action="store_true",
                         help="with --docs: attention within documents by a boolean mask, not variable-length kernels")
+    parser.add_argument("--fp8", action="store_true", help="nanolora: the base's forward GEMMs in FP8 (--fp8 true)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--print_loss_every", type=int, default=0)

@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nanolora.kernels.fp8_matmul import quantize_rows
 from nanolora.kernels.lora_projections import (Projection, add_input_grad, dense_weight, gather_grads,
                                                lora_parameters, project_group, project_group_backward,
                                                project_with_input_lora)
@@ -113,10 +114,10 @@ class LoRAMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gate: Projection, up: Projection, down: Projection, dtype, activation, skip_output,
-                gate_up_A_cat, *lora_params):
+                gate_up_A_cat, fp8, *lora_params):
         x2d = x.reshape(-1, x.shape[-1])
         x2d = x2d if x2d.dtype == dtype else x2d.to(dtype)
-        (e, g), xa_gate_up = project_group(x2d, (gate, up), dtype, gate_up_A_cat)
+        (e, g), xa_gate_up = project_group(x2d, (gate, up), dtype, gate_up_A_cat, fp8)
         h = gated_activation(e, g, activation)
         xa_down = h @ down.lora_A_cast.T if down.lora_A is not None else None
         ctx.projections, ctx.activation, ctx.x_shape, ctx.x_dtype = (gate, up, down), activation, x.shape, x.dtype
@@ -125,7 +126,7 @@ class LoRAMLP(torch.autograd.Function):
         if skip_output:  # a recompute whose output nobody reads: the graph is all it is for
             y = torch.empty(x2d.shape[0], down.weight.shape[0], device=x.device, dtype=dtype)
         else:
-            y = project_with_input_lora(h, xa_down, down, dtype)
+            y = project_with_input_lora(h, xa_down, down, dtype, quantize_rows(h) if fp8 else None)
         return y.view(*x.shape[:-1], -1)
 
     @staticmethod
@@ -152,19 +153,20 @@ class LoRAMLP(torch.autograd.Function):
             dx = dx.view(ctx.x_shape)
             dx = dx if dx.dtype == ctx.x_dtype else dx.to(ctx.x_dtype)
         grads = [grads_gate, grads_up, (grad_A_down, grad_B_down)]
-        return (dx, None, None, None, None, None, None, None, *gather_grads(ctx.projections, grads))
+        return (dx, None, None, None, None, None, None, None, None, *gather_grads(ctx.projections, grads))
 
 
-def lora_mlp(x, gate, up, down, dtype, activation="silu", skip_output=False, gate_up_A_cat=None):
+def lora_mlp(x, gate, up, down, dtype, activation="silu", skip_output=False, gate_up_A_cat=None, fp8=False):
     """The gated MLP of x [..., hidden] in the compute dtype, differentiable in x and in every
     LoRA A/B. gate_up_A_cat: gate's and up's A casts stacked (those with LoRA; ops.py caches it).
     Runs with autocast off: the dtypes are decided here.
 
     skip_output=True leaves the output's values uncomputed (an uninitialised tensor that
     carries the graph): for a checkpoint recompute, which needs only what the backward saves.
-    The caller must know that nothing reads the values (ops.gated_mlp decides)."""
+    The caller must know that nothing reads the values (ops.gated_mlp decides). fp8: the base
+    GEMMs of the forward in FP8 (kernels/fp8_matmul.py)."""
     if activation not in ("silu", "gelu_tanh"):
         raise ValueError(f"lora_mlp: activation {activation!r} is not supported (silu, gelu_tanh)")
     with torch.autocast(x.device.type, enabled=False):
-        return LoRAMLP.apply(x, gate, up, down, dtype, activation, skip_output, gate_up_A_cat,
+        return LoRAMLP.apply(x, gate, up, down, dtype, activation, skip_output, gate_up_A_cat, fp8,
                              *lora_parameters((gate, up, down)))

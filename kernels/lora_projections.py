@@ -33,6 +33,8 @@ from typing import NamedTuple
 
 import torch
 
+from nanolora.kernels.fp8_matmul import fits, fp8_matmul, quantize_rows
+
 
 class Projection(NamedTuple):
     """One projection's state, as ops.py hands it over (A/B None for a projection without LoRA)."""
@@ -53,15 +55,24 @@ def dense_weight(weight, dtype):
     return dequantize_nf4_triton(weight, dtype)
 
 
-def project_with_input_lora(x, xa, p: Projection, dtype):
+def project_with_input_lora(x, xa, p: Projection, dtype, x_fp8=None):
     """y = x W^T + b + xa B~^T for x [T, in], given xa = x A^T (None without LoRA).
 
     The thin update GEMM runs first and writes y; the big GEMM then adds x W^T into y with
     beta = 1, reading y in its epilogue, where a compute-bound GEMM has bandwidth to spare.
     (The other order, big GEMM first and then y.addmm_(xa, B~^T), makes the thin GEMM read
     and write all of y: a memory-bound pass as slow as a separate add.)
+
+    x_fp8: x as fp8_matmul.quantize_rows gives it, for the base GEMM in FP8 (--fp8); _scaled_mm
+    cannot add into y, so there the update is added after it, as that memory-bound pass.
     """
     w = dense_weight(p.weight, dtype)
+    if x_fp8 is not None and fits(x, w):
+        y = fp8_matmul(*x_fp8, *quantize_rows(w))
+        y = y if y.dtype == dtype else y.to(dtype)
+        if p.bias is not None:
+            y += p.bias.to(dtype)
+        return y if xa is None else y.addmm_(xa, p.scaled_B_cast.T)
     if xa is None:
         return x @ w.T if p.bias is None else torch.addmm(p.bias.to(dtype), x, w.T)
     y = xa @ p.scaled_B_cast.T if p.bias is None else torch.addmm(p.bias.to(dtype), xa, p.scaled_B_cast.T)
@@ -73,14 +84,15 @@ def add_input_grad(dx, dy, w):
     return dy @ w if dx is None else dx.addmm_(dy, w)
 
 
-def project_group(x, projections, dtype, lora_A_cat):
+def project_group(x, projections, dtype, lora_A_cat, fp8=False):
     """Every projection of the same x [T, in]: ([y_i], xa_cat). The LoRA projections' A's come
     stacked (lora_A_cat [sum r, in], cast once per step by ops.py), so x is read by one thin
     GEMM for all of them: xa_cat = x [A_1; A_2; ...]^T [T, sum r], whose column blocks are
-    each projection's x A_i^T."""
+    each projection's x A_i^T. fp8: the base GEMMs in FP8, x quantized once for all of them."""
     xa_cat = x @ lora_A_cat.T if lora_A_cat is not None else None
     xas = _column_blocks(xa_cat, projections)
-    return [project_with_input_lora(x, xa, p, dtype) for p, xa in zip(projections, xas)], xa_cat
+    x_fp8 = quantize_rows(x) if fp8 else None
+    return [project_with_input_lora(x, xa, p, dtype, x_fp8) for p, xa in zip(projections, xas)], xa_cat
 
 
 def project_group_backward(dys, x, xa_cat, projections, lora_A_cat, need_dx):
@@ -140,10 +152,10 @@ class LoRAProjections(torch.autograd.Function):
     """(y_1, ..., y_n) = each projection of the same x; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, x, projections, dtype, lora_A_cat, *lora_params):
+    def forward(ctx, x, projections, dtype, lora_A_cat, fp8, *lora_params):
         x2d = x.reshape(-1, x.shape[-1])
         x2d = x2d if x2d.dtype == dtype else x2d.to(dtype)
-        ys, xa_cat = project_group(x2d, projections, dtype, lora_A_cat)
+        ys, xa_cat = project_group(x2d, projections, dtype, lora_A_cat, fp8)
         ctx.projections, ctx.lora_A_cat, ctx.x_shape, ctx.x_dtype = projections, lora_A_cat, x.shape, x.dtype
         ctx.save_for_backward(x2d, xa_cat)
         return tuple(y.view(*x.shape[:-1], -1) for y in ys)
@@ -158,12 +170,13 @@ class LoRAProjections(torch.autograd.Function):
         if need_dx:
             dx = dx.view(ctx.x_shape)
             dx = dx if dx.dtype == ctx.x_dtype else dx.to(ctx.x_dtype)
-        return (dx, None, None, None, *gather_grads(ctx.projections, grads))
+        return (dx, None, None, None, None, *gather_grads(ctx.projections, grads))
 
 
-def lora_projections(x, projections, dtype, lora_A_cat):
+def lora_projections(x, projections, dtype, lora_A_cat, fp8=False):
     """Each projection applied to x [..., in], in the compute dtype; differentiable in x and in
     every LoRA A/B. lora_A_cat: the LoRA projections' A casts stacked (ops.lora_A_stacked).
-    Runs with autocast off: the dtypes are decided here."""
+    fp8: the base GEMMs of the forward in FP8 (kernels/fp8_matmul.py). Runs with autocast off:
+    the dtypes are decided here."""
     with torch.autocast(x.device.type, enabled=False):
-        return LoRAProjections.apply(x, projections, dtype, lora_A_cat, *lora_parameters(projections))
+        return LoRAProjections.apply(x, projections, dtype, lora_A_cat, fp8, *lora_parameters(projections))

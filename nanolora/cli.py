@@ -87,6 +87,19 @@ def parse_device(parser, text):
     return device
 
 
+def check_fp8(parser, device, kernels_enabled):
+    """--fp8 true runs the frozen base's GEMMs in FP8 on the fused path: a GPU with FP8 tensor
+    cores (compute capability 8.9: Ada, Hopper and later) and the fused kernels on."""
+    if device.type != "cuda":
+        parser.error(f"--fp8 true needs a CUDA GPU with FP8 matmuls (Ada, Hopper or later); the device is {device}")
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 9):
+        parser.error(f"--fp8 true: {torch.cuda.get_device_name(device)} has compute capability "
+                     f"{capability[0]}.{capability[1]}; FP8 matmuls need 8.9 or later (Ada, Hopper)")
+    if not kernels_enabled:
+        parser.error("--fp8 true runs on the fused kernels, and NANOLORA_KERNELS=0 turns them off")
+
+
 def run(main, prog):
     """Call main(); a user's mistake (a ValueError or OSError: bad file, bad value, missing
     path) ends as `prog: message` on stderr with exit status 2."""

@@ -8,7 +8,9 @@ backward). An op dispatches to its kernel when the tensors are on CUDA, kernels 
 and the case is one the kernel covers (e.g. LoRA dropout 0); otherwise the reference runs.
 
 `NANOLORA_KERNELS=0` in the environment, or `ops.use_kernels(False)` from Python, forces the
-references everywhere.
+references everywhere. `ops.use_fp8(True)` (train.py --fp8 true) runs the frozen base's forward
+GEMMs of the fused projection and MLP ops in FP8 (kernels/fp8_matmul.py); the references and
+every backward stay in the compute dtype.
 """
 import math
 import os
@@ -32,6 +34,15 @@ def use_kernels(enabled: bool):
 
 def kernels_enabled() -> bool:
     return _kernels_enabled
+
+
+_fp8 = False
+
+
+def use_fp8(enabled: bool):
+    """The base's forward GEMMs in FP8 on the fused path (an opt-in: it changes the numbers)."""
+    global _fp8
+    _fp8 = bool(enabled)
 
 
 def _fast(*tensors) -> bool:
@@ -305,7 +316,7 @@ def projection(x, layer):
         return projection_reference(x, layer)
     from nanolora.kernels.lora_projections import lora_projections
     states, dtype = fused
-    return lora_projections(x, states, dtype, lora_A_stacked([layer], states))[0]
+    return lora_projections(x, states, dtype, lora_A_stacked([layer], states), _fp8)[0]
 
 
 # ----------------------------------------------------------------------------- attention
@@ -335,7 +346,7 @@ def qkv_rope(x, q_proj, k_proj, v_proj, cos, sin, head_dim, q_norm=None, k_norm=
     states, dtype = fused
     lora_A = lora_A_stacked([q_proj, k_proj, v_proj], states)
     batch, seq, _ = x.shape
-    q, k, v = (t.view(batch, seq, -1, head_dim) for t in lora_projections(x, states, dtype, lora_A))
+    q, k, v = (t.view(batch, seq, -1, head_dim) for t in lora_projections(x, states, dtype, lora_A, _fp8))
     if q_norm is not None:
         q, k = rms_norm(q, q_norm.weight, q_norm.eps, q_norm.plus_one), rms_norm(k, k_norm.weight, k_norm.eps, k_norm.plus_one)
     q, k = rope_qk(q, k, cos, sin)
@@ -432,7 +443,7 @@ def gated_mlp(x, gate_proj, up_proj, down_proj, activation="silu", output_only_a
     from nanolora.kernels.lora_mlp import lora_mlp
     (gate, up, down), dtype = fused
     return lora_mlp(x, gate, up, down, dtype, activation, skip_output=output_only_added and _recomputing,
-                    gate_up_A_cat=lora_A_stacked([gate_proj, up_proj], [gate, up]))
+                    gate_up_A_cat=lora_A_stacked([gate_proj, up_proj], [gate, up]), fp8=_fp8)
 
 
 # ----------------------------------------------------------------------------- checkpointing

@@ -28,7 +28,7 @@ SAME_RUN = ("model", "full", "load_in_4bit", "dynamic_budget", "data", "r", "alp
             "seq_len", "pack", "train_on_prompt", "batch_size", "grad_accum", "seed", "eval_size", "data_split",
             "group_by_length", "optim")  # another optimizer's state does not load into this one
 # Changing one of these continues the run on another course: allowed, with a warning.
-WARN_ON_CHANGE = ("lr", "schedule", "warmup_steps", "weight_decay", "max_grad_norm", "max_steps", "epochs")
+WARN_ON_CHANGE = ("lr", "schedule", "warmup_steps", "weight_decay", "max_grad_norm", "max_steps", "epochs", "fp8")
 
 
 def checkpoints(out) -> list[Path]:

@@ -310,7 +310,7 @@ def test_fp8_gemm_quantizes_rows_and_runs_on_the_cpu(capsys, monkeypatch):
     x8, sx = fp8_gemm.quantize_rows(x)
     w8, sw = fp8_gemm.quantize_rows(w)
     assert x8.dtype == torch.float8_e4m3fn and sx.shape == (48, 1) and sw.shape == (80, 1)
-    got = fp8_gemm.fp8_mm(x8, sx, w8, sw).float()
+    got = fp8_gemm.fp8_matmul(x8, sx, w8, sw).float()
     exact = x @ w.T
     row_error = (got - exact).norm(dim=1) / exact.norm(dim=1)  # each row to its own size
     assert 1e-3 < row_error.max() < 0.08

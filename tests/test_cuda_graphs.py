@@ -100,10 +100,12 @@ def test_why_graphs_stay_off(llama):
     ("llama", True, "offload", False, True),
     # packed rows: their documents (variable-length attention) padded with the rows
     ("llama", True, "offload", True, False),
+    # --fp8: the base GEMMs' _scaled_mm and the row quantization captured and replayed
+    ("llama", True, "offload", False, "fp8"),
     # Gemma: soft-capped attention and loss (the references), sliding windows, scaled embeddings
     ("gemma2", False, True, False, False), ("gemma3", True, "offload", True, False)],
     ids=["bf16", "nf4", "nf4-offload", "nf4-offload-fp16-scaler", "nf4-offload-kept", "nf4-offload-packed",
-         "gemma2-bf16", "gemma3-nf4-offload-packed"])
+         "nf4-offload-fp8", "gemma2-bf16", "gemma3-nf4-offload-packed"])
 def test_graphed_steps_train_as_eager_ones(tmp_path, monkeypatch, family, nf4, checkpointing, packed, kept):
     """Four AdamW steps of two micro-batches each (lengths 300 and 200, one batch with
     padding): the graphed run's losses and LoRA weights are the eager run's, given the eager
@@ -116,6 +118,7 @@ def test_graphed_steps_train_as_eager_ones(tmp_path, monkeypatch, family, nf4, c
     dtype = torch.float16 if fp16 else torch.bfloat16
     if kept is True:
         monkeypatch.setattr(kept_attention, "MIN_LENGTH", 0)
+    monkeypatch.setattr(ops, "_fp8", kept == "fp8")
     shape = dict(num_hidden_layers=4, hidden_size=256, intermediate_size=512) if family == "llama" else {}
     save_checkpoint(tmp_path, family, **shape)
     g = torch.Generator().manual_seed(0)

@@ -204,12 +204,26 @@ def test_run_folder_lifecycle(setup, tmp_path, capsys):
     (["--device", "foo"], "--device 'foo' is not a device"),
     (["--device", "meta"], "--device 'meta' is not supported"),
     (["--overwrite", "perhaps"], "expected true or false, got 'perhaps'"),
+    (["--fp8", "true", "--dropout", "0.1"], "--fp8 true is for the frozen base under LoRA without dropout"),
+    (["--fp8", "true", "--full", "true"], "it needs --full false and --dropout 0"),
+    (["--fp8", "true", "--device", "cpu"], "--fp8 true needs a CUDA GPU with FP8 matmuls (Ada, Hopper or later); "
+                                           "the device is cpu"),
 ])
 def test_numeric_and_device_flags(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.parse_settings(flags)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_fp8_refused_with_the_kernels_off(capsys, monkeypatch):
+    """--fp8 runs on the fused path: NANOLORA_KERNELS=0 would silently leave it in bf16."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs a GPU with FP8 matmuls, where --fp8 true is otherwise accepted")
+    monkeypatch.setattr(train.ops, "_kernels_enabled", False)
+    with pytest.raises(SystemExit):
+        train.parse_settings(["--fp8", "true"])
+    assert "NANOLORA_KERNELS=0 turns them off" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")

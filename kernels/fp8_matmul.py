@@ -1,0 +1,49 @@
+"""The frozen base's GEMM in FP8 (opt-in: train.py --fp8 true, Ada/Hopper GPUs).
+
+    y = x W^T  ~  (x8 W8^T) * sx * sw^T        x [T, in], W [out, in], y [T, out]
+
+x and W are each rounded to float8 e4m3 (3 mantissa bits, largest 448) after a scale per row:
+
+    sx[t] = max_i |x[t, i]| / 448,   x8[t, i] = e4m3(x[t, i] / sx[t])      (W likewise, per output row)
+
+and torch._scaled_mm multiplies the e4m3 operands on the tensor cores at twice bf16's rate,
+accumulates in fp32, applies sx [T, 1] and sw [1, out] to each output and rounds once to bf16.
+A scale per row (not per tensor) keeps each token's and each output channel's own range:
+one outlier row does not flush the others' small values to zero.
+
+Only the base's forward GEMMs use it (the forward, and the checkpoint recompute). LoRA stays in
+the compute dtype, and so does the backward: dL/dx = dL/dy W uses W in the compute dtype, the
+usual straight-through choice for a frozen weight (the gradient of the bf16 model at the FP8
+forward's activations). W is quantized where it is used, as NF4 is dequantized: nothing
+is kept between steps, so memory is as without FP8.
+
+The reference is fp8_matmul_reference: the same roundings with the product in fp32.
+"""
+import torch
+
+E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
+ALIGN = 16  # _scaled_mm's requirement on the inner and output sizes; other shapes stay in bf16
+
+
+def quantize_rows(t):
+    """(t8 float8_e4m3fn [rows, cols], scale fp32 [rows, 1]) with t ~= t8 * scale. A row of
+    zeros gets the scale of a tiny one (its values stay zero; no division by zero)."""
+    scale = t.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-30) / E4M3_MAX
+    return (t.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def fp8_matmul(x8, x_scale, w8, w_scale):
+    """(x8 w8^T) * x_scale * w_scale^T in bf16: x8 [T, in], w8 [out, in] e4m3 with their
+    quantize_rows scales."""
+    return torch._scaled_mm(x8, w8.T, scale_a=x_scale, scale_b=w_scale.T, out_dtype=torch.bfloat16)
+
+
+def fp8_matmul_reference(x, w):
+    """x W^T with x and W rounded as fp8_matmul rounds them, multiplied in fp32, rounded to bf16."""
+    (x8, sx), (w8, sw) = quantize_rows(x), quantize_rows(w)
+    return ((x8.float() * sx) @ (w8.float() * sw).T).to(torch.bfloat16)
+
+
+def fits(x, w) -> bool:
+    """Whether _scaled_mm takes these shapes (inner and output sizes multiples of ALIGN)."""
+    return x.shape[-1] % ALIGN == 0 and w.shape[0] % ALIGN == 0
