@@ -14,6 +14,8 @@ projection of the 8B block (x [T, in], W [out, in]):
     fp8 bwd      dx = (dy8 W8t^T) * sdy * swt              needs W^T in e4m3 too (W8t [in, out])
     quant dy     as quant x, for dy [T, out]
     nf4 -> bf16  the dequantization an NF4 base pays per use today (kernels/nf4_dequant.py)
+    nf4 -> e4m3  --fp8's: the NF4 weight scaled by row into e4m3 in one pass (the same kernel)
+    quant W      a 16-bit weight's row quantization in torch ops (--fp8 over a bf16 base)
 
 then the block's totals and the FP8 block's speed over bf16's, with and without the quant
 passes (which a fused kernel could hide inside RMSNorm or the activation), and each FP8
@@ -70,12 +72,16 @@ def measure(name, tokens, d_in, d_out, device, repeat):
     x8, sx = quantize_rows(x)
     dy8, sdy = quantize_rows(dy)
     nf4 = quantize_nf4(w)
+    from nanolora.kernels.lora_projections import fp8_weight
     row = dict(name=name, shape=f"{tokens}x{d_in} -> {d_out}",
                bf16_fwd=timed(lambda: x @ w.T, repeat), fp8_fwd=timed(lambda: fp8_matmul(x8, sx, w8, sw), repeat),
                quant_x=timed(lambda: quantize_rows(x), repeat),
                bf16_bwd=timed(lambda: dy @ w, repeat), fp8_bwd=timed(lambda: fp8_matmul(dy8, sdy, wt8, swt), repeat),
                quant_dy=timed(lambda: quantize_rows(dy), repeat),
                nf4=timed(lambda: dequantize_nf4(nf4, torch.bfloat16), repeat),
+               # (a Triton kernel: on the CPU only in the interpreter, TRITON_INTERPRET=1)
+               nf4_e4m3=timed(lambda: fp8_weight(nf4, torch.bfloat16), repeat) if x.is_cuda else float("nan"),
+               quant_w=timed(lambda: quantize_rows(w), repeat),
                err_fwd=relative_error(fp8_matmul(x8, sx, w8, sw), x, w),
                err_bwd=relative_error(fp8_matmul(dy8, sdy, wt8, swt), dy, w.T))
     return row
@@ -98,12 +104,12 @@ def main():
     print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU (tiny shapes: not a measurement)'}, "
           f"{tokens} tokens, median of {args.repeat}, ms")
     print("| projection | shape | bf16 fwd | fp8 fwd | quant x | bf16 bwd | fp8 bwd | quant dy | nf4 -> bf16 "
-          "| fp8 error fwd / bwd |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| nf4 -> e4m3 | quant W (bf16) | fp8 error fwd / bwd |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['name']} | {r['shape']} | {r['bf16_fwd']:.3f} | {r['fp8_fwd']:.3f} | {r['quant_x']:.3f} | "
               f"{r['bf16_bwd']:.3f} | {r['fp8_bwd']:.3f} | {r['quant_dy']:.3f} | {r['nf4']:.3f} | "
-              f"{r['err_fwd']:.4f} / {r['err_bwd']:.4f} |")
+              f"{r['nf4_e4m3']:.3f} | {r['quant_w']:.3f} | {r['err_fwd']:.4f} / {r['err_bwd']:.4f} |")
     total = {k: sum(r[k] for r in rows) for k in rows[0] if k not in ("name", "shape")}
     # a step runs each base GEMM forward twice (forward, checkpoint recompute) and backward once
     bf16 = 2 * total["bf16_fwd"] + total["bf16_bwd"]
@@ -113,6 +119,11 @@ def main():
     print(f"\nper block and step (2 forwards + 1 backward): bf16 {bf16:.3f} ms; fp8 GEMMs alone {fp8_gemms:.3f} "
           f"({bf16 / fp8_gemms:.2f}x); fp8 with unfused quant passes {fp8_all:.3f} ({bf16 / fp8_all:.2f}x); "
           f"fp8 forwards only, bf16 backward {fp8_fwd_only:.3f} ({bf16 / fp8_fwd_only:.2f}x)")
+    # what --fp8 does on an NF4 base: each forward dequantizes to e4m3 and quantizes x; the
+    # backward dequantizes to bf16 as without FP8
+    nf4_bf16 = 2 * (total["nf4"] + total["bf16_fwd"]) + total["nf4"] + total["bf16_bwd"]
+    nf4_fp8 = 2 * (total["nf4_e4m3"] + total["quant_x"] + total["fp8_fwd"]) + total["nf4"] + total["bf16_bwd"]
+    print(f"NF4 base, as --fp8 runs it: bf16 {nf4_bf16:.3f} ms, --fp8 {nf4_fp8:.3f} ({nf4_bf16 / nf4_fp8:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import torch
 
-from nanolora.kernels.fp8_matmul import fits, fp8_matmul, quantize_rows
+from nanolora.kernels.fp8_matmul import E4M3_MAX, fits, fp8_matmul, quantize_rows
 
 
 class Projection(NamedTuple):
@@ -55,6 +55,24 @@ def dense_weight(weight, dtype):
     return dequantize_nf4_triton(weight, dtype)
 
 
+def fp8_weight(weight, dtype):
+    """The frozen base weight in e4m3 with its row scales, as fp8_matmul takes it: an NF4 weight
+    whose blocks lie within rows straight from its 4-bit codes, in one pass (its row_absmax
+    scales each row to E4M3_MAX; 1.5 bytes moved per value); any other through dense_weight
+    and quantize_rows."""
+    row_absmax = getattr(weight, "row_absmax", None)
+    if row_absmax is None:
+        return quantize_rows(dense_weight(weight, dtype))
+    from nanolora.kernels.nf4_dequant import dequantize_nf4_triton
+    inverse = E4M3_MAX / row_absmax.clamp(min=1e-30)
+    if weight.packed.is_cuda:
+        w8 = dequantize_nf4_triton(weight, torch.float8_e4m3fn, inverse)
+    else:  # Triton's interpreter (the tests on a CPU) casts to e4m3 wrongly near powers of two:
+        # the kernel's float32 values, cast by torch (the GPU test checks the two casts agree)
+        w8 = dequantize_nf4_triton(weight, torch.float32, inverse).to(torch.float8_e4m3fn)
+    return w8, inverse.reciprocal()[:, None]
+
+
 def project_with_input_lora(x, xa, p: Projection, dtype, x_fp8=None):
     """y = x W^T + b + xa B~^T for x [T, in], given xa = x A^T (None without LoRA).
 
@@ -66,13 +84,13 @@ def project_with_input_lora(x, xa, p: Projection, dtype, x_fp8=None):
     x_fp8: x as fp8_matmul.quantize_rows gives it, for the base GEMM in FP8 (--fp8); _scaled_mm
     cannot add into y, so there the update is added after it, as that memory-bound pass.
     """
-    w = dense_weight(p.weight, dtype)
-    if x_fp8 is not None and fits(x, w):
-        y = fp8_matmul(*x_fp8, *quantize_rows(w))
+    if x_fp8 is not None and fits(x, p.weight):
+        y = fp8_matmul(*x_fp8, *fp8_weight(p.weight, dtype))
         y = y if y.dtype == dtype else y.to(dtype)
         if p.bias is not None:
             y += p.bias.to(dtype)
         return y if xa is None else y.addmm_(xa, p.scaled_B_cast.T)
+    w = dense_weight(p.weight, dtype)
     if xa is None:
         return x @ w.T if p.bias is None else torch.addmm(p.bias.to(dtype), x, w.T)
     y = xa @ p.scaled_B_cast.T if p.bias is None else torch.addmm(p.bias.to(dtype), xa, p.scaled_B_cast.T)

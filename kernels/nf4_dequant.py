@@ -46,12 +46,15 @@ def _nf4_dequant_kernel(
     nested_absmax_ptr,  # float32 [ceil(n_blocks / NESTED_BLOCKSIZE)] (double quant only)
     nested_code_ptr,  # float32 [256] (double quant only)
     offset_ptr,  # float32 [] (double quant only)
-    out_ptr,  # fp32 / fp16 / bf16 [n_blocks * BLOCKSIZE]
+    out_ptr,  # fp32 / fp16 / bf16 / fp8 e4m3 [n_blocks * BLOCKSIZE]
+    row_inverse_ptr,  # float32 [rows]: each row's values are multiplied by it (ROW_SCALED only)
     n_blocks,
     BLOCKSIZE: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr,
     BLOCKS_PER_PROGRAM: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr,
+    ROW_SCALED: tl.constexpr,
+    BLOCKS_PER_ROW: tl.constexpr,
 ):
     HALF: tl.constexpr = BLOCKSIZE // 2
     block = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
@@ -74,19 +77,36 @@ def _nf4_dequant_kernel(
     # library, so the tests can run an interpreted copy of this file in a process that
     # imported triton without TRITON_INTERPRET (see tests/test_nf4_kernel.py).
     values = tl.reshape(tl.join(first, second), (BLOCKS_PER_PROGRAM, BLOCKSIZE))
+    if ROW_SCALED:  # a block lies within one row: one more rounding (a multiply), then the cast
+        inverse = tl.load(row_inverse_ptr + block // BLOCKS_PER_ROW, mask=in_range, other=0.0)
+        values = values * inverse[:, None]
     values = values.to(out_ptr.dtype.element_ty)
 
     element = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     tl.store(out_ptr + element, values, mask=in_range[:, None])
 
 
-def dequantize_nf4_triton(q, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``q`` (an NF4Weight of nanolora/nf4.py: packed, absmax, code, ...) as a dense tensor of its original shape in ``dtype`` (default: its original
-    dtype); equal to ``nanolora.nf4.dequantize_nf4(q, dtype)`` bit for bit."""
+def dequantize_nf4_triton(q, dtype: torch.dtype | None = None, row_inverse=None) -> torch.Tensor:
+    """``q`` (an NF4Weight of nanolora/nf4.py: packed, absmax, code, ...) as a dense tensor of
+    its original shape in ``dtype`` (default: its original dtype); equal to
+    ``nanolora.nf4.dequantize_nf4(q, dtype)`` bit for bit.
+
+    row_inverse (float32 [rows], for a 2-D q whose blocks lie within rows): row i's values are
+    multiplied by row_inverse[i] before the cast, as ``(dequantize_nf4(q, float32) *
+    row_inverse[:, None]).to(dtype)``: with dtype float8_e4m3fn, the weight scaled into FP8
+    in one pass from its 4-bit codes (--fp8, kernels/fp8_matmul.py)."""
     dtype = q.dtype if dtype is None else dtype
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    allowed = (torch.float32, torch.float16, torch.bfloat16) + ((torch.float8_e4m3fn,) if row_inverse is not None else ())
+    if dtype not in allowed:
         raise ValueError(f"dequantize_nf4_triton: dtype {dtype} is not supported "
-                         "(expected float32, float16 or bfloat16)")
+                         f"(expected {', '.join(str(t).removeprefix('torch.') for t in allowed)})")
+    blocks_per_row = 1
+    if row_inverse is not None:
+        if len(q.shape) != 2 or q.shape[1] % q.blocksize or row_inverse.shape != (q.shape[0],):
+            raise ValueError(f"dequantize_nf4_triton: row scales need a 2-D weight whose rows are whole blocks "
+                             f"and one scale per row; got shape {list(q.shape)}, blocksize {q.blocksize}, "
+                             f"{list(row_inverse.shape)} scales")
+        blocks_per_row = q.shape[1] // q.blocksize
     out = torch.empty(q.shape, dtype=dtype, device=q.packed.device)
     n_blocks = q.absmax.numel()
     if q.double_quant:
@@ -95,9 +115,11 @@ def dequantize_nf4_triton(q, dtype: torch.dtype | None = None) -> torch.Tensor:
         nested_absmax = nested_code = offset = q.absmax
     grid = (triton.cdiv(n_blocks, BLOCKS_PER_PROGRAM),)
     _nf4_dequant_kernel[grid](
-        q.packed, q.absmax, q.code, nested_absmax, nested_code, offset, out, n_blocks,
+        q.packed, q.absmax, q.code, nested_absmax, nested_code, offset, out,
+        q.absmax if row_inverse is None else row_inverse, n_blocks,  # any pointer when unused
         BLOCKSIZE=q.blocksize, NESTED_BLOCKSIZE=q.nested_blocksize,
         BLOCKS_PER_PROGRAM=BLOCKS_PER_PROGRAM, DOUBLE_QUANT=q.double_quant,
+        ROW_SCALED=row_inverse is not None, BLOCKS_PER_ROW=blocks_per_row,
         num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
     return out

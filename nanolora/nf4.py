@@ -136,6 +136,13 @@ class NF4Weight(nn.Module):
         self.dtype = dtype
         self.blocksize = blocksize
         self.nested_blocksize = nested_blocksize
+        # each row's largest |value| (its blocks' largest scale: a block's largest value is
+        # quantized to the code +-1), for scaling the row into FP8 straight from the 4-bit codes
+        # (--fp8, kernels/fp8_matmul.py); None where blocks straddle rows. A buffer, moved by
+        # .to() and left out of state_dict().
+        rows_whole = len(self.shape) == 2 and self.shape[1] % blocksize == 0 and absmax.device.type != "meta"
+        self.register_buffer("row_absmax", dequantize_absmax(self).abs().view(self.shape[0], -1).amax(1)
+                             if rows_whole else None, persistent=False)
 
     @property
     def double_quant(self) -> bool:

@@ -24,7 +24,7 @@ import torch.nn as nn
 from nanolora import ops
 from nanolora.lora import LoRALinear
 from nanolora.model import Linear
-from nanolora.nf4 import quantize_nf4
+from nanolora.nf4 import dequantize_nf4, quantize_nf4
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -384,14 +384,29 @@ def test_checkpoint_recompute_skips_the_down_projection(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- FP8 (opt-in)
+def fp8_weight_reference(weight, dtype):
+    """lora_projections.fp8_weight's definition: an NF4 weight whose rows are whole blocks
+    scaled row by row from its float32 values (nanolora.nf4.dequantize_nf4) to 448 at each
+    row's row_absmax; any other weight by quantize_rows of its dense form."""
+    from nanolora.kernels.fp8_matmul import E4M3_MAX, quantize_rows
+    if getattr(weight, "row_absmax", None) is None:
+        return quantize_rows(ops.dense_weight(weight, dtype))
+    inverse = E4M3_MAX / weight.row_absmax.clamp(min=1e-30)
+    w8 = (dequantize_nf4(weight, torch.float32) * inverse[:, None]).to(torch.float8_e4m3fn)
+    return w8, inverse.reciprocal()[:, None]
+
+
 def fp8_projection_reference(x, layer):
     """projection_reference with the base GEMM as kernels/fp8_matmul.py defines it: x and W
     rounded to e4m3 by row, multiplied in fp32, rounded to bf16 (shapes _scaled_mm cannot
     take stay in the compute dtype, as in the fused path)."""
-    from nanolora.kernels.fp8_matmul import fits, fp8_matmul_reference
+    from nanolora.kernels.fp8_matmul import fits, quantize_rows
     x2d = x.reshape(-1, x.shape[-1])
-    w = ops.dense_weight(layer.weight, x.dtype)
-    y = fp8_matmul_reference(x2d, w).to(x.dtype) if fits(x2d, w) else x2d @ w.T
+    if fits(x2d, layer.weight):
+        (x8, x_scale), (w8, w_scale) = quantize_rows(x2d), fp8_weight_reference(layer.weight, x.dtype)
+        y = ((x8.float() * x_scale) @ (w8.float() * w_scale).T).to(torch.bfloat16).to(x.dtype)
+    else:
+        y = x2d @ ops.dense_weight(layer.weight, x.dtype).T
     if layer.bias is not None:
         y = y + layer.bias.to(x.dtype)
     if ops.has_lora(layer):

@@ -104,3 +104,51 @@ def test_gpu_quantize_equals_cpu_quantize():
         moved = (dequantize_absmax(on_gpu) - dequantize_absmax(on_cpu)).abs()
         assert (moved <= step).all()
         assert (on_gpu.absmax != on_cpu.absmax).float().mean() < 0.01  # measured: 1 code in 65536
+
+
+# ---- row scales: the NF4 weight straight into FP8 (--fp8, kernels/fp8_matmul.py) ------------
+
+def row_scaled_reference(q, inverse, dtype):
+    return (dequantize_nf4(q, torch.float32) * inverse[:, None]).to(dtype)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (130, 320), (48, 448)])
+@pytest.mark.parametrize("double_quant", [True, False], ids=["double_quant", "fp32_absmax"])
+def test_interpreted_row_scaled_kernel_equals_reference(interpreted, shape, double_quant):
+    """Each row multiplied by its own factor after the dequantization, before the cast: in
+    float32 (the interpreter casts to e4m3 wrongly; the GPU test checks e4m3) equal to the
+    torch reference bit for bit, with rows of 1, 5 and 7 blocks, so programs of 64 blocks
+    start mid-row."""
+    q = quantize_nf4(random_weight(shape, torch.bfloat16), double_quant=double_quant)
+    inverse = torch.rand(shape[0], generator=torch.Generator().manual_seed(3)) * 100 + 0.5
+    assert torch.equal(interpreted.dequantize_nf4_triton(q, torch.float32, inverse),
+                       row_scaled_reference(q, inverse, torch.float32))
+
+
+def test_row_absmax_bounds_each_row(interpreted):
+    """NF4Weight.row_absmax is each row's largest |value| (a block's largest value is its scale
+    exactly), or above it for a row with an all-zero block, whose double-quantized scale is
+    not zero; None where blocks straddle rows. The refusals name what is wrong."""
+    w = random_weight((130, 320), torch.bfloat16)
+    q = quantize_nf4(w)
+    true_max = dequantize_nf4(q, torch.float32).abs().amax(1)
+    assert torch.all(q.row_absmax >= true_max) and torch.equal(q.row_absmax[1:], true_max[1:])  # row 0: zero block
+    assert quantize_nf4(random_weight((96, 96))).row_absmax is None  # 96 values a row: blocks straddle rows
+    assert "row_absmax" not in quantize_nf4(w).state_dict()
+    with pytest.raises(ValueError, match=r"rows are whole blocks and one scale per row; got shape \[130, 320\], "
+                                         r"blocksize 64, \[7\] scales"):
+        interpreted.dequantize_nf4_triton(q, torch.float8_e4m3fn, torch.ones(7))
+    with pytest.raises(ValueError, match=r"float8_e4m3fn is not supported \(expected float32, float16, bfloat16\)"):
+        interpreted.dequantize_nf4_triton(q, torch.float8_e4m3fn)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("double_quant", [True, False], ids=["double_quant", "fp32_absmax"])
+def test_gpu_row_scaled_kernel_casts_to_e4m3_as_torch(double_quant):
+    """The kernel's own cast to e4m3 (round to nearest even, in range by construction: each
+    row's largest value scales to 448) against torch's, bit for bit, on a 4096 x 14336 weight."""
+    q = quantize_nf4(random_weight((4096, 14336), torch.bfloat16, device="cuda"), double_quant=double_quant)
+    inverse = 448.0 / q.row_absmax.clamp(min=1e-30)
+    ours = nf4_dequant.dequantize_nf4_triton(q, torch.float8_e4m3fn, inverse)
+    assert torch.equal(ours.view(torch.uint8), row_scaled_reference(q, inverse, torch.float8_e4m3fn).view(torch.uint8))
