@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanolora.kernels.fp8_matmul import quantize_rows
+from nanolora.kernels.fp8_matmul import fits, quantize_rows
 from nanolora.kernels.lora_projections import (Projection, add_input_grad, dense_weight, gather_grads,
                                                lora_parameters, project_group, project_group_backward,
                                                project_with_input_lora)
@@ -126,7 +126,8 @@ class LoRAMLP(torch.autograd.Function):
         if skip_output:  # a recompute whose output nobody reads: the graph is all it is for
             y = torch.empty(x2d.shape[0], down.weight.shape[0], device=x.device, dtype=dtype)
         else:
-            y = project_with_input_lora(h, xa_down, down, dtype, quantize_rows(h) if fp8 else None)
+            h_fp8 = quantize_rows(h) if fp8 and fits(h, down.weight) else None
+            y = project_with_input_lora(h, xa_down, down, dtype, h_fp8)
         return y.view(*x.shape[:-1], -1)
 
     @staticmethod

@@ -109,7 +109,7 @@ def project_group(x, projections, dtype, lora_A_cat, fp8=False):
     each projection's x A_i^T. fp8: the base GEMMs in FP8, x quantized once for all of them."""
     xa_cat = x @ lora_A_cat.T if lora_A_cat is not None else None
     xas = _column_blocks(xa_cat, projections)
-    x_fp8 = quantize_rows(x) if fp8 else None
+    x_fp8 = quantize_rows(x) if fp8 and any(fits(x, p.weight) for p in projections) else None
     return [project_with_input_lora(x, xa, p, dtype, x_fp8) for p, xa in zip(projections, xas)], xa_cat
 
 

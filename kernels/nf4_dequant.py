@@ -96,7 +96,8 @@ def dequantize_nf4_triton(q, dtype: torch.dtype | None = None, row_inverse=None)
     row_inverse[:, None]).to(dtype)``: with dtype float8_e4m3fn, the weight scaled into FP8
     in one pass from its 4-bit codes (--fp8, kernels/fp8_matmul.py)."""
     dtype = q.dtype if dtype is None else dtype
-    allowed = (torch.float32, torch.float16, torch.bfloat16) + ((torch.float8_e4m3fn,) if row_inverse is not None else ())
+    allowed = (torch.float32, torch.float16, torch.bfloat16)
+    allowed += (torch.float8_e4m3fn,) if row_inverse is not None else ()
     if dtype not in allowed:
         raise ValueError(f"dequantize_nf4_triton: dtype {dtype} is not supported "
                          f"(expected {', '.join(str(t).removeprefix('torch.') for t in allowed)})")

@@ -98,6 +98,13 @@ def check_fp8(parser, device, kernels_enabled):
                      f"{capability[0]}.{capability[1]}; FP8 matmuls need 8.9 or later (Ada, Hopper)")
     if not kernels_enabled:
         parser.error("--fp8 true runs on the fused kernels, and NANOLORA_KERNELS=0 turns them off")
+    try:  # row-wise scaled FP8 matmuls came to torch per GPU generation (Hopper first): ask this one
+        probe = torch.ones(16, 16, device=device).to(torch.float8_e4m3fn)
+        scale = torch.ones(16, 1, device=device)
+        torch._scaled_mm(probe, probe.T, scale_a=scale, scale_b=scale.T, out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError) as e:
+        parser.error(f"--fp8 true: torch {torch.__version__} has no row-wise scaled FP8 matmul for "
+                     f"{torch.cuda.get_device_name(device)} ({str(e).splitlines()[0][:120]})")
 
 
 def run(main, prog):

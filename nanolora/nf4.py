@@ -123,6 +123,10 @@ class NF4Weight(nn.Module):
     parameters, not buffers, because FSDP2 shards only parameters. The offset is [1], not a
     0-dim tensor: FSDP2 refuses scalar parameters. Do not call model.to(dtype) on a model
     holding NF4 weights: it would cast the float32 scales and code books too.
+
+    One buffer is derived from them at construction: row_absmax, each row's largest |value|
+    (for --fp8; None where blocks straddle rows, or on the meta device). The scales are never
+    replaced in place, so it cannot go stale; it is not saved.
     """
 
     def __init__(self, packed, absmax, code, shape, dtype, blocksize,
