@@ -275,6 +275,24 @@ def test_environment_switch_forces_the_references(tmp_path):
         assert out == expected
 
 
+def lora_model(tmp_path, family, nf4):
+    """(a tiny `family` model in training mode with checkpointing, LoRA r=8 on every projection
+    with random A and B, the generator that drew them) for whole-model steps."""
+    from hf_fixtures import save_checkpoint
+    from nanolora import load_model
+    from nanolora.lora import attach_lora, lora_parameters
+    save_checkpoint(tmp_path, family)
+    model, _ = load_model(tmp_path, device=DEVICE, dtype=torch.bfloat16 if CUDA else torch.float32, load_in_4bit=nf4)
+    attach_lora(model, "all", r=8, alpha=16)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    model.grad_checkpointing = True
+    model.train()
+    return model, g
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma2", "gemma3"])
 @pytest.mark.parametrize("nf4", [False, True], ids=["16bit", "nf4"])
 def test_training_step_with_kernels_equals_references(tmp_path, family, nf4):
@@ -288,19 +306,8 @@ def test_training_step_with_kernels_equals_references(tmp_path, family, nf4):
     the CPU, with kernels or without, and about 8 times that in bf16). So both are compared with
     the same model's fp32 step without kernels, as the single ops are: the fused path's error
     must be at most twice the reference's plus two bf16 ulps, per gradient tensor."""
-    from hf_fixtures import save_checkpoint
-    from nanolora import load_model
-    from nanolora.lora import attach_lora, lora_parameters
-    save_checkpoint(tmp_path, family)
-    model, _ = load_model(tmp_path, device=DEVICE, dtype=torch.bfloat16 if CUDA else torch.float32,
-                          load_in_4bit=nf4)
-    attach_lora(model, "all", r=8, alpha=16)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in lora_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    model.grad_checkpointing = True
-    model.train()
+    from nanolora.lora import lora_parameters
+    model, g = lora_model(tmp_path, family, nf4)
     ids = torch.randint(0, 512, (2, 24), generator=g).to(DEVICE)
     labels = ids.clone()
     labels[0, :5] = -100
@@ -517,18 +524,8 @@ def test_fp8_training_step_is_near_the_plain_one(tmp_path, nf4):
     the CPU) and the LoRA gradients pointing the same way (cosine over all of them measured
     ~0.99; bound 0.95) but not equal. The 200-step loss curve on the GPU is issue 8's check
     of what FP8 costs in training (bench/run.py, nanolora-fp8)."""
-    from hf_fixtures import save_checkpoint
-    from nanolora import load_model
-    from nanolora.lora import attach_lora, lora_parameters
-    save_checkpoint(tmp_path, "llama")
-    model, _ = load_model(tmp_path, device=DEVICE, dtype=torch.bfloat16 if CUDA else torch.float32, load_in_4bit=nf4)
-    attach_lora(model, "all", r=8, alpha=16)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in lora_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    model.grad_checkpointing = True
-    model.train()
+    from nanolora.lora import lora_parameters
+    model, g = lora_model(tmp_path, "llama", nf4)
     ids = torch.randint(0, 512, (2, 24), generator=g).to(DEVICE)
 
     def step(fp8):
