@@ -9,13 +9,13 @@ projection of the 8B block (x [T, in], W [out, in]):
 
     bf16 fwd     y = x W^T                                 what every step does today
     fp8 fwd      y = (x8 W8^T) * sx * sw                   x8, W8 e4m3; sx [T, 1], sw [1, out]
-    quant x      sx = amax|x| / 448 per row, x8 = x / sx   torch ops: the activation's extra passes
+    quant x      x8 = x * 448 / max|row|, sx its inverse    fp8_matmul.quantize_rows: the row maxima, then one kernel
     bf16 bwd     dx = dy W
     fp8 bwd      dx = (dy8 W8t^T) * sdy * swt              needs W^T in e4m3 too (W8t [in, out])
     quant dy     as quant x, for dy [T, out]
     nf4 -> bf16  the dequantization an NF4 base pays per use today (kernels/nf4_dequant.py)
     nf4 -> e4m3  --fp8's: the NF4 weight scaled by row into e4m3 in one pass (the same kernel)
-    quant W      a 16-bit weight's row quantization in torch ops (--fp8 over a bf16 base)
+    quant W      a 16-bit weight's, the same way (--fp8 over a bf16 base, every use)
 
 then the block's totals and the FP8 block's speed over bf16's, with and without the quant
 passes (which a fused kernel could hide inside RMSNorm or the activation), and each FP8
@@ -117,7 +117,7 @@ def main():
     fp8_all = fp8_gemms + 2 * total["quant_x"] + total["quant_dy"]
     fp8_fwd_only = 2 * (total["fp8_fwd"] + total["quant_x"]) + total["bf16_bwd"]
     print(f"\nper block and step (2 forwards + 1 backward): bf16 {bf16:.3f} ms; fp8 GEMMs alone {fp8_gemms:.3f} "
-          f"({bf16 / fp8_gemms:.2f}x); fp8 with unfused quant passes {fp8_all:.3f} ({bf16 / fp8_all:.2f}x); "
+          f"({bf16 / fp8_gemms:.2f}x); fp8 with its quant passes {fp8_all:.3f} ({bf16 / fp8_all:.2f}x); "
           f"fp8 forwards only, bf16 backward {fp8_fwd_only:.3f} ({bf16 / fp8_fwd_only:.2f}x)")
     # what --fp8 does on an NF4 base: each forward dequantizes to e4m3 and quantizes x; the
     # backward dequantizes to bf16 as without FP8

@@ -23,30 +23,68 @@ fp8_matmul's output is bf16 whatever the compute dtype: under fp16 compute (reac
 Python only; train.py computes in bf16 on every GPU with FP8) the base product is rounded to
 bf16 first.
 
-The reference is fp8_matmul_reference: the same roundings with the product in fp32.
+Each row is scaled by multiplying by its inverse scale 448 / max|row| (a multiply rounds
+the same in torch and in any kernel, where a kernel's division may not), and the scale handed
+to _scaled_mm is that inverse's reciprocal: the NF4 path (kernels/nf4_dequant.py's row
+scales) does the same.
+
+The reference is quantize_rows_reference (torch) for the rounding into e4m3, and
+fp8_matmul_reference for the product: the same roundings with the product in fp32.
 """
 import torch
+import triton
+import triton.language as tl
 
 E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
 ALIGN = 16  # _scaled_mm's requirement on the inner and output sizes; other shapes stay in bf16
-CHUNK_VALUES = 1 << 24  # quantize_rows' fp32 temporary: at most 64 MB (h at 32k tokens would be 1.9 GB)
+CHUNK_VALUES = 1 << 24  # the reference's fp32 temporary: at most 64 MB (h at 32k tokens would be 1.9 GB)
+BLOCK = 1024  # values per program of the scaling kernel: memory-bound, 4 warps x 32 threads x 8
+
+
+@triton.jit
+def _scale_rows_kernel(t_ptr, inverse_ptr, out_ptr, n, cols, BLOCK: tl.constexpr):
+    """out = t * inverse[row], in fp32, then cast to out's dtype: one read of t, one write."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    inverse = tl.load(inverse_ptr + offsets // cols, mask=mask, other=0.0)
+    t = tl.load(t_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offsets, (t * inverse).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def row_inverses(t):
+    """fp32 [rows, 1]: 448 / max|row| (a row of zeros: 448 / 1e-30, its values stay zero). The
+    inf-norm is max |t| in one reduction, without abs()'s temporary."""
+    return E4M3_MAX / torch.linalg.vector_norm(t, float("inf"), dim=1, keepdim=True).float().clamp(min=1e-30)
+
+
+def scale_rows_triton(t, inverse, dtype):
+    """(t * inverse) in fp32, cast to dtype, for a contiguous t [rows, cols], in one pass."""
+    out = torch.empty(t.shape, dtype=dtype, device=t.device)
+    n = t.numel()
+    _scale_rows_kernel[(triton.cdiv(n, BLOCK),)](t, inverse, out, n, t.shape[1], BLOCK=BLOCK)
+    return out
+
+
+def quantize_rows_reference(t):
+    """quantize_rows in torch: (t * inverse) in fp32 a chunk of rows at a time (not t's size in
+    fp32 at once), cast into e4m3."""
+    inverse = row_inverses(t)
+    t8 = torch.empty(t.shape, dtype=torch.float8_e4m3fn, device=t.device)
+    rows = max(1, CHUNK_VALUES // max(t.shape[1], 1))
+    for start in range(0, t.shape[0], rows):  # t * inverse promotes to fp32 inside the multiply
+        t8[start:start + rows] = t[start:start + rows] * inverse[start:start + rows]
+    return t8, inverse.reciprocal()
 
 
 def quantize_rows(t):
     """(t8 float8_e4m3fn [rows, cols], scale fp32 [rows, 1]) with t ~= t8 * scale: each row's
-    largest |value| becomes 448 exactly. A row of zeros gets the scale of a tiny one (its
-    values stay zero; no division by zero).
-    Three passes over t in torch (the row maxima, t / scale in fp32, the cast into e4m3): for a
-    16-bit weight as many bytes moved as the GEMM saves, which is why an NF4 weight takes the
-    dequant kernel's one pass instead (lora_projections.fp8_weight); bench/fp8_gemm.py times both."""
-    # the inf-norm is max |t| in one reduction, without abs()'s temporary; t / scale promotes
-    # to fp32 inside the division (the same floats as t.float() / scale, one pass fewer)
-    scale = torch.linalg.vector_norm(t, float("inf"), dim=1, keepdim=True).float().clamp(min=1e-30) / E4M3_MAX
-    t8 = torch.empty(t.shape, dtype=torch.float8_e4m3fn, device=t.device)
-    rows = max(1, CHUNK_VALUES // max(t.shape[1], 1))
-    for start in range(0, t.shape[0], rows):  # the fp32 quotient a chunk at a time, not t's size in fp32
-        t8[start:start + rows] = t[start:start + rows] / scale[start:start + rows]
-    return t8, scale
+    largest |value| becomes 448 exactly. On CUDA two passes over t (the row maxima, then the
+    kernel's scale and cast: 5 bytes moved per 16-bit value, where torch's separate multiply
+    and cast move 13); elsewhere the reference."""
+    if not (t.is_cuda and t.is_contiguous()):
+        return quantize_rows_reference(t)
+    inverse = row_inverses(t)
+    return scale_rows_triton(t, inverse, torch.float8_e4m3fn), inverse.reciprocal()
 
 
 def fp8_matmul(x8, x_scale, w8, w_scale):
@@ -57,7 +95,7 @@ def fp8_matmul(x8, x_scale, w8, w_scale):
 
 def fp8_matmul_reference(x, w):
     """x W^T with x and W rounded as fp8_matmul rounds them, multiplied in fp32, rounded to bf16."""
-    (x8, sx), (w8, sw) = quantize_rows(x), quantize_rows(w)
+    (x8, sx), (w8, sw) = quantize_rows_reference(x), quantize_rows_reference(w)
     return ((x8.float() * sx) @ (w8.float() * sw).T).to(torch.bfloat16)
 
 

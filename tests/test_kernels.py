@@ -395,9 +395,9 @@ def fp8_weight_reference(weight, dtype):
     """lora_projections.fp8_weight's definition: an NF4 weight whose rows are whole blocks
     scaled row by row from its float32 values (nanolora.nf4.dequantize_nf4) to 448 at each
     row's row_absmax; any other weight by quantize_rows of its dense form."""
-    from nanolora.kernels.fp8_matmul import E4M3_MAX, quantize_rows
+    from nanolora.kernels.fp8_matmul import E4M3_MAX, quantize_rows_reference
     if getattr(weight, "row_absmax", None) is None:
-        return quantize_rows(ops.dense_weight(weight, dtype))
+        return quantize_rows_reference(ops.dense_weight(weight, dtype))
     inverse = E4M3_MAX / weight.row_absmax.clamp(min=1e-30)
     w8 = (dequantize_nf4(weight, torch.float32) * inverse[:, None]).to(torch.float8_e4m3fn)
     return w8, inverse.reciprocal()[:, None]
@@ -407,10 +407,10 @@ def fp8_projection_reference(x, layer):
     """projection_reference with the base GEMM as kernels/fp8_matmul.py defines it: x and W
     rounded to e4m3 by row, multiplied in fp32, rounded to bf16 (shapes _scaled_mm cannot
     take stay in the compute dtype, as in the fused path)."""
-    from nanolora.kernels.fp8_matmul import fits, quantize_rows
+    from nanolora.kernels.fp8_matmul import fits, quantize_rows_reference
     x2d = x.reshape(-1, x.shape[-1])
     if fits(x2d, layer.weight):
-        (x8, x_scale), (w8, w_scale) = quantize_rows(x2d), fp8_weight_reference(layer.weight, x.dtype)
+        (x8, x_scale), (w8, w_scale) = quantize_rows_reference(x2d), fp8_weight_reference(layer.weight, x.dtype)
         y = ((x8.float() * x_scale) @ (w8.float() * w_scale).T).to(torch.bfloat16).to(x.dtype)
     else:
         y = x2d @ ops.dense_weight(layer.weight, x.dtype).T
@@ -436,6 +436,38 @@ def test_fp8_matmul_equals_its_reference(shape):
     assert got.dtype == torch.bfloat16 and got.shape == (tokens, d_out)
     assert rel_err(got, fp8_matmul_reference(x, w)) <= 2 ** -8
     assert 5e-3 < rel_err(got, x.float() @ w.float().T) < 0.1
+
+
+@pytest.fixture(scope="module")
+def fp8_interpreted():
+    """A copy of kernels/fp8_matmul.py whose scaling kernel runs in Triton's interpreter."""
+    from nanolora.kernels import fp8_matmul
+    from triton_interpreter import interpreted_copy
+    return interpreted_copy(fp8_matmul)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(7, 96), (40, 1000), (3, 4100)], ids=str)
+def test_interpreted_scale_rows_kernel_equals_torch(fp8_interpreted, dtype, shape):
+    """The scaling kernel (each row times its own factor in fp32, one cast) against torch, bit
+    for bit, with rows that straddle the kernel's 1024-value blocks. In fp32 and fp16 only:
+    the interpreter's casts to bf16 and e4m3 are wrong (test_gpu_quantize_rows_equals_reference
+    checks e4m3 on a GPU)."""
+    g = torch.Generator().manual_seed(0)
+    t = (torch.randn(shape, generator=g) * torch.logspace(-3, 3, shape[0])[:, None]).bfloat16()
+    inverse = fp8_interpreted.row_inverses(t)
+    assert torch.equal(fp8_interpreted.scale_rows_triton(t, inverse, dtype), (t.float() * inverse).to(dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_gpu_quantize_rows_equals_reference():
+    """quantize_rows' kernel path against the torch reference, bit for bit (its e4m3 cast:
+    round to nearest even, every value in range), on an 8B activation's shape."""
+    from nanolora.kernels.fp8_matmul import quantize_rows, quantize_rows_reference
+    t = torch.randn(4096, 14336, device="cuda", dtype=torch.bfloat16) * 3
+    (t8, scale), (r8, r_scale) = quantize_rows(t), quantize_rows_reference(t)
+    assert torch.equal(t8.view(torch.uint8), r8.view(torch.uint8)) and torch.equal(scale, r_scale)
 
 
 def test_fp8_rows_are_scaled_to_e4m3s_largest_value():
