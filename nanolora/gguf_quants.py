@@ -20,17 +20,14 @@ In Q4_0/Q4_1/Q5_0/Q5_1, byte j holds value j in its low nibble and value j + 16 
 high one (the fifth bits: bit i of the u32 belongs to value i). The K-quant packings are
 spelled out where they are built and read.
 """
-import warnings
-
 import numpy as np
-import torch
 
 # ggml type id -> (name, values per block, bytes per block)   (gguf-py constants.py)
 GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2), 8: ("Q8_0", 32, 34),
               2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24),
               12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210)}
 TYPE_IDS = {name: type_id for type_id, (name, _, _) in GGML_TYPES.items()}
-READABLE = tuple(name for name, _, _ in GGML_TYPES.values())  # what `dequantize` (so the reader) reads: all
+READABLE = tuple(name for name, _, _ in GGML_TYPES.values())  # what the reader reads (gguf.GGUFFile): all
 
 
 def row_bytes(type_name: str, n_cols: int) -> int:
@@ -41,21 +38,11 @@ def row_bytes(type_name: str, n_cols: int) -> int:
 # ------------------------------------------------------------------------------ reading
 
 def dequantize(raw: np.ndarray, ggml_type: int) -> np.ndarray:
-    """The bytes of one tensor -> its values, flat fp32 (a fresh, writable array), for the
-    READABLE types. BF16 is the top half of an fp32, so shifting it up 16 bits is exact.
-    Block types multiply in the order ggml's dequantize_row_* does (d * sc first, then
-    times q, minus dmin * m), so the fp32 results equal gguf-py's bit for bit."""
+    """The bytes of one tensor of a block type -> its values, flat fp32 (a fresh, writable
+    array); F32, F16 and BF16 tensors are read as stored (gguf.GGUFFile.tensor). Block types
+    multiply in the order ggml's dequantize_row_* does (d * sc first, then times q, minus
+    dmin * m), so the fp32 results equal gguf-py's bit for bit."""
     name, _, block_bytes = GGML_TYPES[ggml_type]
-    if name == "F32":
-        return raw.view("<f4").astype(np.float32)
-    if name == "F16":  # exact (NaN payloads aside); torch's conversion is vectorised, numpy's 30x slower
-        if not raw.size:  # torch.frombuffer refuses an empty buffer
-            return np.zeros(0, np.float32)
-        with warnings.catch_warnings():  # torch warns that a read-only buffer is read-only; it is only read
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.frombuffer(raw, dtype=torch.float16).float().numpy()  # no copy of the file's bytes first
-    if name == "BF16":
-        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
     return _DEQUANTIZERS[name](raw.reshape(-1, block_bytes)).reshape(-1)
 
 
