@@ -81,11 +81,13 @@ def merged_tensors(model, by_rows=False):
     by_rows: an unmerged LoRA layer over a 16-bit or fp32 weight comes as a MergedRows
     instead, computed by its consumer block by block.
 
-    Checked against the weights a model of this config has: a weight that is missing, extra
-    or of another shape is an error, not a checkpoint transformers would refuse later.
+    Checked against the weights a model of this config has, in checkpoint order (the order of
+    expected_weights, in which its consumers lay out their files before the data comes): a
+    weight that is missing, extra, out of that order or of another shape is an error, not a
+    checkpoint transformers would refuse later.
     """
     expected = expected_weights(model.config)
-    produced = 0
+    planned, produced = iter(expected), 0
     for module_name, module in model.named_modules():
         for attr in ("weight", "bias"):
             # a 16-bit parameter, or an NF4Weight module (dequantized by ops.dense_weight)
@@ -112,6 +114,8 @@ def merged_tensors(model, by_rows=False):
                 raise ValueError(f"merging: weight {key!r} of shape {list(tensor.shape)} is not part of a "
                                  f"{model.config.model_type} model with this config (expected "
                                  f"{list(expected[key]) if key in expected else 'no such weight'})")
+            if key != next(planned, None):
+                raise ValueError(f"merging: the model gave weight {key!r} out of checkpoint order")
             produced += 1
             yield key, tensor if isinstance(tensor, MergedRows) else tensor.cpu()
             del tensor, value  # not held while the next weight is gathered and merged
@@ -158,11 +162,8 @@ def save_merged(model, tokenizer, folder, dtype=torch.bfloat16, shard_size=5 * 1
     names = ["model.safetensors"] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
 
-    def in_order():  # the merged weights, each rounded to dtype when the writer asks for it
-        planned = iter(expected)
+    def in_order():  # the merged weights (in expected's order), each rounded to dtype when the writer asks
         for done, (key, tensor) in enumerate(merged_tensors(model), 1):
-            if key != next(planned, None):  # the shards' headers were written in this order
-                raise ValueError(f"merged export: the model gave weight {key!r} out of checkpoint order")
             if progress:
                 progress(done, len(expected), key)
             tensor = tensor.to(dtype)
@@ -174,7 +175,7 @@ def save_merged(model, tokenizer, folder, dtype=torch.bfloat16, shard_size=5 * 1
         weights = in_order()
         for name, shard in zip(names, shards):  # each file written as its tensors are made
             write_safetensors(tmp / name, {key: (dtype, expected[key]) for key in shard}, islice(weights, len(shard)))
-        next(weights, None)  # runs merged_tensors to its end, which checks that nothing was extra
+        next(weights, None)  # runs merged_tensors to its end, which checks that nothing is left
         if len(shards) > 1:
             total_size = sum(math.prod(shape) for shape in expected.values()) * dtype.itemsize
             index = {"metadata": {"total_size": total_size},

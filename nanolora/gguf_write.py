@@ -180,12 +180,11 @@ def write_gguf_model(model, tokenizer, path, quant="f16", source=None, name=None
             if key is None:
                 yield rope_freqs(config, source), ggml_type, None
                 continue
-            got_key, values = next(merged, (None, None))
-            if got_key != key:
-                raise ValueError(f"GGUF export: expected weight {key!r} next, the model gave {got_key!r}")
+            _, values = next(merged)  # merged_tensors gives them in this order, or raises
             if not isinstance(values, MergedRows):  # a MergedRows checks each block it makes
                 check_finite(key, values)
             yield values, ggml_type, permuted_heads(key)
+        next(merged, None)  # runs merged_tensors to its end, which checks that nothing is left
 
     encoded = (_encode_tensor(v, t, device, heads) for v, t, heads in _ahead(values()))
     write_gguf(path, metadata, [(n, s, t) for n, s, t, _ in tensors], _ahead(encoded), progress)
@@ -355,3 +354,5 @@ def write_gguf(path, metadata: dict, tensors, data, progress=None):
             written += size
             if progress:
                 progress(i + 1, len(tensors), f"{name} {ggml_type}", written, sum(sizes))
+        if next(data, None) is not None:  # also what lets the producer finish, and raise what it found
+            raise ValueError(f"GGUF: more tensor data than the {len(tensors)} tensors of the table")

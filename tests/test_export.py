@@ -146,22 +146,28 @@ def test_write_safetensors_streams_what_safetensors_reads(tmp_path):
 
 
 def test_merged_export_refuses_weights_out_of_plan(tmp_path, monkeypatch):
-    """The shards' headers are written before their data: weights that come in another order,
-    or too few, are an error and leave no folder (never a file whose header mislabels data)."""
+    """The shards' headers (and a GGUF's table) are written before their data: a model whose
+    weights come in another order or with one too many (merged_tensors checks both), or a
+    source that runs short, is an error and leaves no output (never a file whose header
+    mislabels data)."""
     from nanolora import checkpoint
     save_checkpoint(tmp_path / "base", "llama")
     model, tokenizer = load_model(tmp_path / "base", device="cpu")
-    real = checkpoint.merged_tensors
-    weights = list(real(model))
-    swapped = weights[:1] + [weights[2], weights[1]] + weights[3:]
-    monkeypatch.setattr(checkpoint, "merged_tensors", lambda model: iter(swapped))
-    with pytest.raises(ValueError, match=f"gave weight {weights[2][0]!r} out of checkpoint order"):
+    attention = model.layers[0].self_attn._modules
+    attention["q_proj"] = attention.pop("q_proj")  # q_proj now after o_proj: k_proj comes first
+    with pytest.raises(ValueError, match="gave weight 'model.layers.0.self_attn.k_proj.weight' out of checkpoint order"):
         checkpoint.save_merged(model, tokenizer, tmp_path / "out", shard_size=10**4)
+    model, tokenizer = load_model(tmp_path / "base", device="cpu")
+    weights = list(checkpoint.merged_tensors(model))
+    head = model.lm_head  # one weight too many, after every expected one: found only if the export reads to the end
+    head.bias = torch.nn.Parameter(torch.zeros(head.weight.shape[0]), requires_grad=False)
+    with pytest.raises(ValueError, match=r"'lm_head.bias' of shape \[\d+\] is not part of a llama model"):
+        checkpoint.save_merged(model, tokenizer, tmp_path / "out", shard_size=10**4)
+    from nanolora.gguf_write import write_gguf_model  # the GGUF writer reads the weights to their end too
+    with pytest.raises(ValueError, match=r"'lm_head.bias' of shape \[\d+\] is not part of a llama model"):
+        write_gguf_model(model, tokenizer, tmp_path / "out.gguf", "f16", source=tmp_path / "base", device="cpu")
     monkeypatch.setattr(checkpoint, "merged_tensors", lambda model: iter(weights[:-1]))
     with pytest.raises(ValueError, match="no data came for tensor"):
-        checkpoint.save_merged(model, tokenizer, tmp_path / "out", shard_size=10**4)
-    monkeypatch.setattr(checkpoint, "merged_tensors", lambda model: iter(weights + weights[-1:]))
-    with pytest.raises(ValueError, match="out of checkpoint order"):  # one too many: never dropped silently
         checkpoint.save_merged(model, tokenizer, tmp_path / "out", shard_size=10**4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
 
