@@ -86,9 +86,9 @@ def quantize(values, type_name: str, device=None) -> np.ndarray:
 
     def rows_per_chunk(n):  # rows, rounded up to the source's blocks
         return -(-max(1, n) // source.block_rows) * source.block_rows
-    step = rows_per_chunk(chunk_values // max(cols, 1))
+    step = rows_per_chunk(chunk_values // cols)  # rows and cols > 0 past the early return
     threads = torch.get_num_threads()
-    if device.type == "cpu" and rows:  # a multiple of `threads` equal chunks: no thread waits for the last
+    if device.type == "cpu":  # a multiple of `threads` equal chunks: no thread waits for the last
         chunks = -(-rows // step)
         step = rows_per_chunk(-(-rows // (-(-chunks // threads) * threads)))
 

@@ -299,21 +299,9 @@ def test_offload_curve_on_cpu(checkpoints, tmp_path):
 
 # ---- fp8_gemm.py ----------------------------------------------------------------------------
 
-def test_fp8_gemm_quantizes_rows_and_runs_on_the_cpu(capsys, monkeypatch):
-    """fp8_gemm's FP8 product is x W^T to e4m3's precision: each operand's values are rounded
-    to 3 mantissa bits after a per-row scale (relative error at most 2^-4 per value; the worst
-    of 48 rows measured 4-6% over 300 seeds), while a wrong scale (per tensor where per row
-    was meant, or a missing one) misses by 100%. Then the script's CPU run prints its table."""
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(48, 256, generator=generator) * torch.logspace(-3, 3, 48)[:, None]  # rows of unlike sizes
-    w = torch.randn(80, 256, generator=generator)
-    x8, sx = fp8_gemm.quantize_rows(x)
-    w8, sw = fp8_gemm.quantize_rows(w)
-    assert x8.dtype == torch.float8_e4m3fn and sx.shape == (48, 1) and sw.shape == (80, 1)
-    got = fp8_gemm.fp8_matmul(x8, sx, w8, sw).float()
-    exact = x @ w.T
-    row_error = (got - exact).norm(dim=1) / exact.norm(dim=1)  # each row to its own size
-    assert 1e-3 < row_error.max() < 0.08
+def test_fp8_gemm_runs_on_the_cpu(capsys, monkeypatch):
+    """The script's CPU run prints a row per 8B projection (its FP8 arithmetic is
+    kernels/fp8_matmul.py's, tested in tests/test_kernels.py)."""
     monkeypatch.setattr(sys, "argv", ["fp8_gemm.py"])
     fp8_gemm.main()
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
