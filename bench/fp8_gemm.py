@@ -9,7 +9,7 @@ projection of the 8B block (x [T, in], W [out, in]):
 
     bf16 fwd     y = x W^T                                 what every step does today
     fp8 fwd      y = (x8 W8^T) * sx * sw                   x8, W8 e4m3; sx [T, 1], sw [1, out]
-    quant x      x8 = x * 448 / max|row|, sx its inverse    fp8_matmul.quantize_rows: the row maxima, then one kernel
+    quant x      x8 = x * 448 / max|row|, sx its inverse    fp8_matmul.quantize_rows: one kernel
     bf16 bwd     dx = dy W
     fp8 bwd      dx = (dy8 W8t^T) * sdy * swt              needs W^T in e4m3 too (W8t [in, out])
     quant dy     as quant x, for dy [T, out]
@@ -19,8 +19,9 @@ projection of the 8B block (x [T, in], W [out, in]):
 
 then the block's totals and the FP8 block's speed over bf16's, with and without the quant
 passes (which a fused kernel could hide inside RMSNorm or the activation), and each FP8
-output's error relative to the fp32 product. Times are CUDA-event medians. On a machine
-without CUDA it runs tiny shapes on the CPU: a check that it runs, not a measurement.
+output's error relative to the fp32 product. Times are CUDA-event medians of a CUDA graph's
+replay (the GPU's time, as train.py's graphed steps pay it). On a machine without CUDA it
+runs tiny shapes on the CPU: a check that it runs, not a measurement.
 """
 import argparse
 import statistics
@@ -38,21 +39,33 @@ SHAPES_8B = [("q_proj+k_proj+v_proj", 4096, 6144), ("o_proj", 4096, 4096),
 
 
 def timed(fn, repeat):
-    """Median milliseconds of fn() (CUDA events; wall clock on the CPU)."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
+    """Median milliseconds of fn(): on CUDA, of a CUDA graph of it replayed (the GPU's time, as
+    train.py's graphed steps pay it, without Python's launch gaps); wall clock on the CPU."""
+    if not torch.cuda.is_available():
+        fn()
+        times = []
+        for _ in range(repeat):
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (Triton compiles, cuBLAS picks) outside the capture
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
     return statistics.median(times)
 
 

@@ -447,16 +447,20 @@ def fp8_interpreted():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("shape", [(7, 96), (40, 1000), (3, 4100)], ids=str)
-def test_interpreted_scale_rows_kernel_equals_torch(fp8_interpreted, dtype, shape):
-    """The scaling kernel (each row times its own factor in fp32, one cast) against torch, bit
-    for bit, with rows that straddle the kernel's 1024-value blocks. In fp32 and fp16 only:
-    the interpreter's casts to bf16 and e4m3 are wrong (test_gpu_quantize_rows_equals_reference
-    checks e4m3 on a GPU)."""
+@pytest.mark.parametrize("shape", [(7, 96), (40, 1000), (3, 4100), (0, 64)], ids=str)
+def test_interpreted_quantize_rows_kernel_equals_torch(fp8_interpreted, dtype, shape):
+    """The row kernel (each row's max |value|, the row times 448 / max in fp32, one cast, the
+    scale 1 / inverse) against quantize_rows_reference's torch arithmetic, bit for bit, for rows
+    of 1e-3 to 1e3 that end inside or at the kernel's 1024-value steps, a row of zeros and none.
+    In fp32 and fp16 only: the interpreter's casts to bf16 and e4m3 are wrong
+    (test_gpu_quantize_rows_equals_reference checks e4m3 on a GPU)."""
     g = torch.Generator().manual_seed(0)
     t = (torch.randn(shape, generator=g) * torch.logspace(-3, 3, shape[0])[:, None]).bfloat16()
+    if shape[0]:
+        t[shape[0] // 2] = 0
     inverse = fp8_interpreted.row_inverses(t)
-    assert torch.equal(fp8_interpreted.scale_rows_triton(t, inverse, dtype), (t.float() * inverse).to(dtype))
+    out, scale = fp8_interpreted.quantize_rows_triton(t, dtype)
+    assert torch.equal(out, (t.float() * inverse).to(dtype)) and torch.equal(scale, inverse.reciprocal())
 
 
 @pytest.mark.gpu
