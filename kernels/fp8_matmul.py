@@ -105,8 +105,9 @@ def quantize_rows_triton(t, column_scale=None, dtype=torch.float8_e4m3fn):
 
 def quantize_rows(t, column_scale=None):
     """(t8 float8_e4m3fn [rows, cols], scale fp32 [rows, 1]) with t * column_scale ~= t8 * scale:
-    each row's largest |value| becomes 448 exactly. column_scale: fp32 [cols], or None for ones. On CUDA one kernel (3 bytes moved per 16-bit value beyond a cached re-read;
-    a strided t is copied first); elsewhere the reference."""
+    each row's largest |value| becomes 448 exactly. column_scale: fp32 [cols], or None for
+    ones. On CUDA one kernel (3 bytes moved per 16-bit value beyond a cached re-read; a strided
+    t is copied first); elsewhere the reference."""
     if not t.is_cuda:
         return quantize_rows_reference(t, column_scale)
     return quantize_rows_triton(t.contiguous(), None if column_scale is None else column_scale.contiguous())
