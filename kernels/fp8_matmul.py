@@ -11,13 +11,13 @@ accumulates in fp32, applies sx [T, 1] and sw [1, out] to each output and rounds
 A scale per row (not per tensor) keeps each token's and each output channel's own range:
 one outlier row does not flush the others' small values to zero.
 
-The base's three GEMMs of a step use it: the forward, the checkpoint recompute, and the
-input gradient dL/dx = dL/dy W (fp8_input_grad, below: W's row scales are folded into dy's
-columns, so the forward's rounding of W serves again, transposed). A frozen weight has no
-weight gradient to compute. LoRA stays in the compute dtype. W is quantized where it is used,
-as NF4 is dequantized (into 1 byte a value where the bf16 dequant takes 2), x once per group of
-projections that read it: nothing is kept between steps, and the transients are at most a
-chunk's fp32 quotient (CHUNK_VALUES, the torch path's) beyond the e4m3 copies.
+Only the base's forward GEMMs use it (the forward, and the checkpoint recompute). LoRA stays in
+the compute dtype, and so does the backward: dL/dx = dL/dy W uses W in the compute dtype, the
+usual straight-through choice for a frozen weight (the gradient of the bf16 model at the FP8
+forward's activations). W is quantized where it is used, as NF4 is dequantized (into 1 byte
+a value where the bf16 dequant takes 2), x once per group of projections that read it:
+nothing is kept between steps, and the transients are at most a chunk's fp32 quotient
+(CHUNK_VALUES) beyond the e4m3 copies.
 
 fp8_matmul's output is bf16 whatever the compute dtype: under fp16 compute (reachable from
 Python only; train.py computes in bf16 on every GPU with FP8) the base product is rounded to
@@ -29,8 +29,7 @@ to _scaled_mm is that inverse's reciprocal: the NF4 path (kernels/nf4_dequant.py
 scales) does the same.
 
 The reference is quantize_rows_reference (torch) for the rounding into e4m3, and
-fp8_matmul_reference / fp8_input_grad_reference for the products: the same roundings with the
-product in fp32.
+fp8_matmul_reference for the product: the same roundings with the product in fp32.
 """
 import torch
 import triton
@@ -43,28 +42,22 @@ BLOCK = 1024  # values per step of the row kernel: memory-bound, 4 warps x 32 th
 
 
 @triton.jit
-def _quantize_rows_kernel(t_ptr, column_scale_ptr, out_ptr, scale_ptr, cols,
-                          COLUMN_SCALED: tl.constexpr, BLOCK: tl.constexpr):
+def _quantize_rows_kernel(t_ptr, out_ptr, scale_ptr, cols, BLOCK: tl.constexpr):
     """One row per program: its largest |value| over BLOCK-wide steps, then the row again (from
     cache: 8-28 KB for an 8B model's rows) times 448 / that, cast to out's dtype; the scale
     stored is the inverse's reciprocal. The inverse is row_inverses' 448 * (1 / max), and each
-    reciprocal rounds to nearest (div_rn) as torch's does: Triton's plain `/` on fp32 is
-    approximate. COLUMN_SCALED: each value is first multiplied by its column's factor, in fp32."""
+    reciprocal rounds to nearest (div_rn) as torch's does: Triton's plain `/` on fp32 is approximate."""
     row = tl.program_id(0).to(tl.int64)
     t_row, out_row = t_ptr + row * cols, out_ptr + row * cols
     largest = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, cols, BLOCK):
         offsets = start + tl.arange(0, BLOCK)
         t = tl.load(t_row + offsets, mask=offsets < cols, other=0.0).to(tl.float32)
-        if COLUMN_SCALED:
-            t = t * tl.load(column_scale_ptr + offsets, mask=offsets < cols, other=0.0)
         largest = tl.maximum(largest, tl.abs(t), propagate_nan=tl.PropagateNan.ALL)
     inverse = tl.math.div_rn(1.0, tl.maximum(tl.max(largest, axis=0), 1e-30)) * 448.0
     for start in range(0, cols, BLOCK):
         offsets = start + tl.arange(0, BLOCK)
         t = tl.load(t_row + offsets, mask=offsets < cols, other=0.0).to(tl.float32)
-        if COLUMN_SCALED:
-            t = t * tl.load(column_scale_ptr + offsets, mask=offsets < cols, other=0.0)
         tl.store(out_row + offsets, (t * inverse).to(out_ptr.dtype.element_ty), mask=offsets < cols)
     tl.store(scale_ptr + row, tl.math.div_rn(1.0, inverse))
 
@@ -77,40 +70,35 @@ def row_inverses(t):
     return largest.reciprocal().mul_(E4M3_MAX)
 
 
-def quantize_rows_reference(t, column_scale=None):
-    """quantize_rows in torch, a chunk of rows at a time (not t's size in fp32 at once): the
-    chunk times column_scale if given (in fp32), its row inverses, the product cast into e4m3."""
+def quantize_rows_reference(t):
+    """quantize_rows in torch: (t * inverse) in fp32 a chunk of rows at a time (not t's size in
+    fp32 at once), cast into e4m3."""
+    inverse = row_inverses(t)
     t8 = torch.empty(t.shape, dtype=torch.float8_e4m3fn, device=t.device)
-    scale = torch.empty(t.shape[0], 1, dtype=torch.float32, device=t.device)
     rows = max(1, CHUNK_VALUES // max(t.shape[1], 1))
-    for start in range(0, t.shape[0], rows):
-        chunk = t[start:start + rows] if column_scale is None else t[start:start + rows].float() * column_scale
-        inverse = row_inverses(chunk)
-        t8[start:start + rows] = chunk * inverse  # a 16-bit chunk promotes to fp32 inside the multiply
-        scale[start:start + rows] = inverse.reciprocal()
-    return t8, scale
+    for start in range(0, t.shape[0], rows):  # t * inverse promotes to fp32 inside the multiply
+        t8[start:start + rows] = t[start:start + rows] * inverse[start:start + rows]
+    return t8, inverse.reciprocal()
 
 
-def quantize_rows_triton(t, column_scale=None, dtype=torch.float8_e4m3fn):
+def quantize_rows_triton(t, dtype=torch.float8_e4m3fn):
     """quantize_rows' kernel for a contiguous t [rows, cols]: one launch, t read twice (the
     second time from cache), the output written once. dtype other than e4m3 is for the tests:
     Triton's interpreter casts into e4m3 (and bf16) wrongly."""
     out = torch.empty(t.shape, dtype=dtype, device=t.device)
     scale = torch.empty(t.shape[0], 1, dtype=torch.float32, device=t.device)
     if t.numel():
-        _quantize_rows_kernel[(t.shape[0],)](t, column_scale if column_scale is not None else scale, out, scale,
-                                             t.shape[1], COLUMN_SCALED=column_scale is not None, BLOCK=BLOCK)
+        _quantize_rows_kernel[(t.shape[0],)](t, out, scale, t.shape[1], BLOCK=BLOCK)
     return out, scale
 
 
-def quantize_rows(t, column_scale=None):
-    """(t8 float8_e4m3fn [rows, cols], scale fp32 [rows, 1]) with t * column_scale ~= t8 * scale:
-    each row's largest |value| becomes 448 exactly. column_scale: fp32 [cols], or None for
-    ones. On CUDA one kernel (3 bytes moved per 16-bit value beyond a cached re-read; a strided
-    t is copied first); elsewhere the reference."""
+def quantize_rows(t):
+    """(t8 float8_e4m3fn [rows, cols], scale fp32 [rows, 1]) with t ~= t8 * scale: each row's
+    largest |value| becomes 448 exactly. On CUDA one kernel (3 bytes moved per 16-bit value
+    beyond a cached re-read; a strided t is copied first); elsewhere the reference."""
     if not t.is_cuda:
-        return quantize_rows_reference(t, column_scale)
-    return quantize_rows_triton(t.contiguous(), None if column_scale is None else column_scale.contiguous())
+        return quantize_rows_reference(t)
+    return quantize_rows_triton(t.contiguous())
 
 
 def fp8_matmul(x8, x_scale, w8, w_scale):
@@ -125,27 +113,6 @@ def fp8_matmul_reference(x, w):
     return ((x8.float() * sx) @ (w8.float() * sw).T).to(torch.bfloat16)
 
 
-def fp8_input_grad(dy, w8, w_scale):
-    """dy W in bf16 for the weight W ~= w8 * w_scale [out, in] (a forward operand, scaled by
-    row), dy [T, out]. The contraction runs over W's rows, so their scales fold into dy's
-    columns before dy is rounded by row; w8 itself needs only a transpose into the layout
-    _scaled_mm takes (the inner dimension contiguous in both operands, as Hopper's FP8 GEMMs
-    require):
-
-        dy W = (dy diag(w_scale)) w8 ~= diag(s) q w8,    (q, s) = quantize_rows(dy * w_scale^T)
-    """
-    dy8, dy_scale = quantize_rows(dy, w_scale.reshape(-1))
-    w8t = w8.view(torch.uint8).T.contiguous().view(w8.dtype)  # [in, out]: a byte copy
-    return fp8_matmul(dy8, dy_scale, w8t, torch.ones(w8t.shape[0], 1, dtype=torch.float32, device=dy.device))
-
-
-def fp8_input_grad_reference(dy, w8, w_scale):
-    """fp8_input_grad with dy rounded as it rounds it, multiplied in fp32, rounded to bf16."""
-    dy8, dy_scale = quantize_rows_reference(dy, w_scale.reshape(-1))
-    return ((dy8.float() * dy_scale) @ w8.float()).to(torch.bfloat16)
-
-
-def fits(w) -> bool:
-    """Whether _scaled_mm takes a weight of this shape, forward and backward (its input and
-    output sizes multiples of ALIGN)."""
-    return w.shape[0] % ALIGN == 0 and w.shape[1] % ALIGN == 0
+def fits(x, w) -> bool:
+    """Whether _scaled_mm takes these shapes (inner and output sizes multiples of ALIGN)."""
+    return x.shape[-1] % ALIGN == 0 and w.shape[0] % ALIGN == 0

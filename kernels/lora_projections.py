@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import torch
 
-from nanolora.kernels.fp8_matmul import E4M3_MAX, fits, fp8_input_grad, fp8_matmul, quantize_rows
+from nanolora.kernels.fp8_matmul import E4M3_MAX, fits, fp8_matmul, quantize_rows
 
 
 class Projection(NamedTuple):
@@ -84,7 +84,7 @@ def project_with_input_lora(x, xa, p: Projection, dtype, x_fp8=None):
     x_fp8: x as fp8_matmul.quantize_rows gives it, for the base GEMM in FP8 (--fp8); _scaled_mm
     cannot add into y, so there the update is added after it, as that memory-bound pass.
     """
-    if x_fp8 is not None and fits(p.weight):
+    if x_fp8 is not None and fits(x, p.weight):
         y = fp8_matmul(*x_fp8, *fp8_weight(p.weight, dtype))
         y = y if y.dtype == dtype else y.to(dtype)
         if p.bias is not None:
@@ -97,15 +97,8 @@ def project_with_input_lora(x, xa, p: Projection, dtype, x_fp8=None):
     return y.addmm_(x, w.T)
 
 
-def add_input_grad(dx, dy, weight, fp8=False):
-    """dx + dy W for a frozen base weight W, with dx None meaning zero (then it is allocated
-    here). fp8: dy W in FP8 where the shape fits (fp8_matmul.fp8_input_grad), added to dx in a
-    separate pass (_scaled_mm cannot add into its output); otherwise inside the GEMM (beta = 1)."""
-    if fp8 and fits(weight):
-        base = fp8_input_grad(dy, *fp8_weight(weight, dy.dtype))
-        base = base if base.dtype == dy.dtype else base.to(dy.dtype)
-        return base if dx is None else dx.add_(base)
-    w = dense_weight(weight, dy.dtype)
+def add_input_grad(dx, dy, w):
+    """dx + dy w, with dx None meaning zero (then it is allocated here)."""
     return dy @ w if dx is None else dx.addmm_(dy, w)
 
 
@@ -116,14 +109,14 @@ def project_group(x, projections, dtype, lora_A_cat, fp8=False):
     each projection's x A_i^T. fp8: the base GEMMs in FP8, x quantized once for all of them."""
     xa_cat = x @ lora_A_cat.T if lora_A_cat is not None else None
     xas = _column_blocks(xa_cat, projections)
-    x_fp8 = quantize_rows(x) if fp8 and any(fits(p.weight) for p in projections) else None
+    x_fp8 = quantize_rows(x) if fp8 and any(fits(x, p.weight) for p in projections) else None
     return [project_with_input_lora(x, xa, p, dtype, x_fp8) for p, xa in zip(projections, xas)], xa_cat
 
 
-def project_group_backward(dys, x, xa_cat, projections, lora_A_cat, need_dx, fp8=False):
+def project_group_backward(dys, x, xa_cat, projections, lora_A_cat, need_dx):
     """project_group's backward: (dL/dx or None, [(dA_i, dB_i)]). The LoRA terms of dx and of the
     A gradients are one GEMM each over the stacked [T, sum r] dxa_cat; dx then accumulates every
-    projection's dy_i W_i inside the base GEMMs (beta = 1). fp8: those in FP8 (add_input_grad)."""
+    projection's dy_i W_i inside the base GEMMs (beta = 1)."""
     xas = _column_blocks(xa_cat, projections)
     grads, dxas = [], []
     for p, dy, xa in zip(projections, dys, xas):
@@ -146,7 +139,7 @@ def project_group_backward(dys, x, xa_cat, projections, lora_A_cat, need_dx, fp8
                 rows += r
     if need_dx:
         for p, dy in zip(projections, dys):
-            dx = add_input_grad(dx, dy, p.weight, fp8)
+            dx = add_input_grad(dx, dy, dense_weight(p.weight, dy.dtype))
     return dx, [tuple(pair) for pair in grads]
 
 
@@ -182,7 +175,6 @@ class LoRAProjections(torch.autograd.Function):
         x2d = x2d if x2d.dtype == dtype else x2d.to(dtype)
         ys, xa_cat = project_group(x2d, projections, dtype, lora_A_cat, fp8)
         ctx.projections, ctx.lora_A_cat, ctx.x_shape, ctx.x_dtype = projections, lora_A_cat, x.shape, x.dtype
-        ctx.fp8 = fp8
         ctx.save_for_backward(x2d, xa_cat)
         return tuple(y.view(*x.shape[:-1], -1) for y in ys)
 
@@ -192,7 +184,7 @@ class LoRAProjections(torch.autograd.Function):
         need_dx = ctx.needs_input_grad[0]
         dys = [dy.reshape(-1, dy.shape[-1]) for dy in grad_outputs]
         dys = [dy if dy.dtype == x2d.dtype else dy.to(x2d.dtype) for dy in dys]
-        dx, grads = project_group_backward(dys, x2d, xa_cat, ctx.projections, ctx.lora_A_cat, need_dx, ctx.fp8)
+        dx, grads = project_group_backward(dys, x2d, xa_cat, ctx.projections, ctx.lora_A_cat, need_dx)
         if need_dx:
             dx = dx.view(ctx.x_shape)
             dx = dx if dx.dtype == ctx.x_dtype else dx.to(ctx.x_dtype)
@@ -202,7 +194,7 @@ class LoRAProjections(torch.autograd.Function):
 def lora_projections(x, projections, dtype, lora_A_cat, fp8=False):
     """Each projection applied to x [..., in], in the compute dtype; differentiable in x and in
     every LoRA A/B. lora_A_cat: the LoRA projections' A casts stacked (ops.lora_A_stacked).
-    fp8: the base GEMMs in FP8, forward and input gradient (kernels/fp8_matmul.py). Runs with autocast off:
+    fp8: the base GEMMs of the forward in FP8 (kernels/fp8_matmul.py). Runs with autocast off:
     the dtypes are decided here."""
     with torch.autocast(x.device.type, enabled=False):
         return LoRAProjections.apply(x, projections, dtype, lora_A_cat, fp8, *lora_parameters(projections))
