@@ -25,8 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests run only where CUDA is available; elsewhere they are skipped, not failed."""
+    """`gpu` tests run only where CUDA is available; elsewhere they are skipped, not failed.
+
+    With CUDA, the tests of modules that pick their device (DEVICE = "cuda" there: the kernel
+    tests, which run interpreted on the CPU and compiled on a GPU, with bf16 cases added) are
+    GPU tests too, so that `pytest -m gpu` on a GPU machine runs them."""
     if torch.cuda.is_available():
+        for item in items:
+            if getattr(getattr(item, "module", None), "DEVICE", None) == "cuda":
+                item.add_marker(pytest.mark.gpu)
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
