@@ -17,7 +17,8 @@ graph, the checkpointed block inputs offloaded to CPU memory. `nanolora-keep` ke
 inputs on the GPU (--grad_checkpointing true); `nanolora-eager` launches every kernel from
 Python (--cuda_graphs false, inputs kept); `nanolora-ref` is eager with NANOLORA_KERNELS=0 (the
 torch references, no fused kernels), so one table shows what each part buys. `nanolora-fp8`
-is the default with the base's forward GEMMs in FP8 (--fp8 true; an opt-in, not in the defaults).
+is the default with the base's forward GEMMs in FP8 (--fp8 true, an opt-in of train.py; on a
+GPU without FP8 matmuls its rows say so).
 HF is skipped from 32k tokens on (it needs ~61 GiB and minutes per step there; PEERS.md has
 its number).
 
@@ -46,7 +47,7 @@ CHECKPOINTS = {"8b": ("/tmp/llama8b", "llama3-8b"), "1b": ("/tmp/llama1b", "llam
                "70b": ("/tmp/llama70b-nf4", "llama3-70b")}
 PREQUANTIZED = {"70b"}  # written as NF4 (bf16 would be 140 GB): nf4 rows only
 DEFAULT_CONFIGS = "8b:nf4:2x2048,8b:bf16:2x2048,8b:nf4:1x8192,1b:nf4:4x2048,8b:nf4:1x32768"
-DEFAULT_SYSTEMS = "nanolora,nanolora-keep,nanolora-eager,nanolora-ref,hf,unsloth"
+DEFAULT_SYSTEMS = "nanolora,nanolora-keep,nanolora-eager,nanolora-ref,nanolora-fp8,hf,unsloth"
 SLOPE_SYSTEMS = "nanolora,unsloth"
 
 

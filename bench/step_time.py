@@ -161,6 +161,9 @@ def main():
     args = parser.parse_args()
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.lr = 1e-5 if args.full else 2e-4
+    if args.fp8:  # train.py's refusals (no FP8 matmuls on this GPU, kernels off), one line each
+        from nanolora import cli, ops
+        cli.check_fp8(parser, torch.device(args.device), ops.kernels_enabled())
     if args.system == "unsloth":
         import unsloth  # noqa: F401  (it must be imported before transformers to patch it)
     setting = dict(system=args.system, weights="nf4" if args.nf4 else "bf16", batch=args.batch, seq=args.seq,
