@@ -42,19 +42,31 @@ BLOCK = 1024  # values per step of the row kernel: memory-bound, 4 warps x 32 th
 
 
 @triton.jit
+def _larger(a, b):
+    # tl.reduce's combine (tl.max is a @triton.jit helper of triton's library, which the tests'
+    # interpreted copy of this file cannot call in a process that imported triton compiled)
+    return tl.maximum(a, b)
+
+
+@triton.jit
 def _quantize_rows_kernel(t_ptr, out_ptr, scale_ptr, cols, BLOCK: tl.constexpr):
     """One row per program: its largest |value| over BLOCK-wide steps, then the row again (from
     cache: 8-28 KB for an 8B model's rows) times 448 / that, cast to out's dtype; the scale
     stored is the inverse's reciprocal. The inverse is row_inverses' 448 * (1 / max), and each
-    reciprocal rounds to nearest (div_rn) as torch's does: Triton's plain `/` on fp32 is approximate."""
+    reciprocal rounds to nearest (div_rn) as torch's does: Triton's plain `/` on fp32 is
+    approximate. A NaN anywhere in the row makes its max NaN, as torch's does (Triton's max
+    reductions pass over NaNs): the whole row and its scale come out NaN."""
     row = tl.program_id(0).to(tl.int64)
     t_row, out_row = t_ptr + row * cols, out_ptr + row * cols
-    largest = tl.zeros([BLOCK], dtype=tl.float32)
+    largest = tl.full([BLOCK], 0.0, tl.float32)
+    nan = tl.full([BLOCK], 0.0, tl.float32)  # 1 where a NaN was seen
     for start in range(0, cols, BLOCK):
         offsets = start + tl.arange(0, BLOCK)
         t = tl.load(t_row + offsets, mask=offsets < cols, other=0.0).to(tl.float32)
-        largest = tl.maximum(largest, tl.abs(t), propagate_nan=tl.PropagateNan.ALL)
-    inverse = tl.math.div_rn(1.0, tl.maximum(tl.max(largest, axis=0), 1e-30)) * 448.0
+        largest = tl.maximum(largest, tl.abs(t))
+        nan = tl.maximum(nan, tl.where(t != t, 1.0, 0.0))
+    row_max = tl.where(tl.reduce(nan, 0, _larger) > 0.0, float("nan"), tl.reduce(largest, 0, _larger))
+    inverse = tl.math.div_rn(1.0, tl.maximum(row_max, 1e-30, propagate_nan=tl.PropagateNan.ALL)) * 448.0
     for start in range(0, cols, BLOCK):
         offsets = start + tl.arange(0, BLOCK)
         t = tl.load(t_row + offsets, mask=offsets < cols, other=0.0).to(tl.float32)
@@ -87,7 +99,7 @@ def quantize_rows_triton(t, dtype=torch.float8_e4m3fn):
     Triton's interpreter casts into e4m3 (and bf16) wrongly."""
     out = torch.empty(t.shape, dtype=dtype, device=t.device)
     scale = torch.empty(t.shape[0], 1, dtype=torch.float32, device=t.device)
-    if t.numel():
+    if t.shape[0]:  # (zero columns: each row's max is 0 -> 1e-30, as the reference's clamp)
         _quantize_rows_kernel[(t.shape[0],)](t, out, scale, t.shape[1], BLOCK=BLOCK)
     return out, scale
 
@@ -114,5 +126,5 @@ def fp8_matmul_reference(x, w):
 
 
 def fits(x, w) -> bool:
-    """Whether _scaled_mm takes these shapes (inner and output sizes multiples of ALIGN)."""
-    return x.shape[-1] % ALIGN == 0 and w.shape[0] % ALIGN == 0
+    """Whether _scaled_mm takes these shapes (inner and output sizes positive multiples of ALIGN)."""
+    return x.shape[-1] % ALIGN == 0 and w.shape[0] % ALIGN == 0 and x.shape[-1] > 0 and w.shape[0] > 0

@@ -451,16 +451,21 @@ def fp8_interpreted():
 def test_interpreted_quantize_rows_kernel_equals_torch(fp8_interpreted, dtype, shape):
     """The row kernel (each row's max |value|, the row times 448 / max in fp32, one cast, the
     scale 1 / inverse) against quantize_rows_reference's torch arithmetic, bit for bit, for rows
-    of 1e-3 to 1e3 that end inside or at the kernel's 1024-value steps, a row of zeros and none.
-    In fp32 and fp16 only: the interpreter's casts to bf16 and e4m3 are wrong
-    (test_gpu_quantize_rows_equals_reference checks e4m3 on a GPU)."""
+    of 1e-3 to 1e3 that end inside or at the kernel's 1024-value steps, a row of zeros, a row
+    with one NaN (all NaN after, scale too, as in torch) and none. In fp32 and fp16 only: the
+    interpreter's casts to bf16 and e4m3 are wrong (test_gpu_quantize_rows_equals_reference
+    checks e4m3 on a GPU)."""
     g = torch.Generator().manual_seed(0)
     t = (torch.randn(shape, generator=g) * torch.logspace(-3, 3, shape[0])[:, None]).bfloat16()
     if shape[0]:
         t[shape[0] // 2] = 0
+        t[-1, shape[1] // 3] = float("nan")
     inverse = fp8_interpreted.row_inverses(t)
     out, scale = fp8_interpreted.quantize_rows_triton(t, dtype)
-    assert torch.equal(out, (t.float() * inverse).to(dtype)) and torch.equal(scale, inverse.reciprocal())
+    exactly = dict(rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(out, (t.float() * inverse).to(dtype), **exactly)
+    torch.testing.assert_close(scale, inverse.reciprocal(), **exactly)
+    assert not shape[0] or (out[-1].isnan().all() and scale[-1].isnan())
 
 
 @pytest.mark.gpu
