@@ -74,12 +74,17 @@ def _quantize_rows_kernel(t_ptr, out_ptr, scale_ptr, cols, BLOCK: tl.constexpr):
     tl.store(scale_ptr + row, tl.math.div_rn(1.0, inverse))
 
 
+def inverse_scales(largest):
+    """448 / largest (fp32), the factor that puts a row whose largest |value| is `largest` at
+    e4m3's 448, rounded as 448 * (1 / largest) (what torch's scalar / tensor computes, and the
+    kernels too); a row of zeros gets 448 / 1e-30, and its values stay zero."""
+    return largest.float().clamp(min=1e-30).reciprocal().mul_(E4M3_MAX)
+
+
 def row_inverses(t):
-    """fp32 [rows, 1]: 448 / max|row|, rounded as 448 * (1 / max|row|) (which is what torch's
-    scalar / tensor computes; a row of zeros: 448 / 1e-30, its values stay zero). The inf-norm
-    is max |t| in one reduction, without abs()'s temporary."""
-    largest = torch.linalg.vector_norm(t, float("inf"), dim=1, keepdim=True).float().clamp(min=1e-30)
-    return largest.reciprocal().mul_(E4M3_MAX)
+    """fp32 [rows, 1]: inverse_scales of each row's max |value|. The inf-norm is max |t| in one
+    reduction, without abs()'s temporary."""
+    return inverse_scales(torch.linalg.vector_norm(t, float("inf"), dim=1, keepdim=True))
 
 
 def quantize_rows_reference(t):
@@ -125,6 +130,7 @@ def fp8_matmul_reference(x, w):
     return ((x8.float() * sx) @ (w8.float() * sw).T).to(torch.bfloat16)
 
 
-def fits(x, w) -> bool:
-    """Whether _scaled_mm takes these shapes (inner and output sizes positive multiples of ALIGN)."""
-    return x.shape[-1] % ALIGN == 0 and w.shape[0] % ALIGN == 0 and x.shape[-1] > 0 and w.shape[0] > 0
+def fits(w) -> bool:
+    """Whether _scaled_mm takes a weight of this shape [out, in] (both sizes positive multiples
+    of ALIGN; in is also the inner size of x W^T)."""
+    return all(size > 0 and size % ALIGN == 0 for size in w.shape)

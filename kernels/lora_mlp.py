@@ -126,7 +126,7 @@ class LoRAMLP(torch.autograd.Function):
         if skip_output:  # a recompute whose output nobody reads: the graph is all it is for
             y = torch.empty(x2d.shape[0], down.weight.shape[0], device=x.device, dtype=dtype)
         else:
-            h_fp8 = quantize_rows(h) if fp8 and fits(h, down.weight) else None
+            h_fp8 = quantize_rows(h) if fp8 and fits(down.weight) else None
             y = project_with_input_lora(h, xa_down, down, dtype, h_fp8)
         return y.view(*x.shape[:-1], -1)
 

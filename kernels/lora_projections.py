@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import torch
 
-from nanolora.kernels.fp8_matmul import E4M3_MAX, fits, fp8_matmul, quantize_rows
+from nanolora.kernels.fp8_matmul import fits, fp8_matmul, inverse_scales, quantize_rows
 
 
 class Projection(NamedTuple):
@@ -64,7 +64,7 @@ def fp8_weight(weight, dtype):
     if row_absmax is None:
         return quantize_rows(dense_weight(weight, dtype))
     from nanolora.kernels.nf4_dequant import dequantize_nf4_triton
-    inverse = E4M3_MAX / row_absmax.clamp(min=1e-30)
+    inverse = inverse_scales(row_absmax)
     if weight.packed.is_cuda:
         w8 = dequantize_nf4_triton(weight, torch.float8_e4m3fn, inverse)
     else:  # Triton's interpreter (the tests on a CPU) casts to e4m3 wrongly near powers of two:
@@ -84,7 +84,7 @@ def project_with_input_lora(x, xa, p: Projection, dtype, x_fp8=None):
     x_fp8: x as fp8_matmul.quantize_rows gives it, for the base GEMM in FP8 (--fp8); _scaled_mm
     cannot add into y, so there the update is added after it, as that memory-bound pass.
     """
-    if x_fp8 is not None and fits(x, p.weight):
+    if x_fp8 is not None and fits(p.weight):
         y = fp8_matmul(*x_fp8, *fp8_weight(p.weight, dtype))
         y = y if y.dtype == dtype else y.to(dtype)
         if p.bias is not None:
@@ -109,7 +109,7 @@ def project_group(x, projections, dtype, lora_A_cat, fp8=False):
     each projection's x A_i^T. fp8: the base GEMMs in FP8, x quantized once for all of them."""
     xa_cat = x @ lora_A_cat.T if lora_A_cat is not None else None
     xas = _column_blocks(xa_cat, projections)
-    x_fp8 = quantize_rows(x) if fp8 and any(fits(x, p.weight) for p in projections) else None
+    x_fp8 = quantize_rows(x) if fp8 and any(fits(p.weight) for p in projections) else None
     return [project_with_input_lora(x, xa, p, dtype, x_fp8) for p, xa in zip(projections, xas)], xa_cat
 
 

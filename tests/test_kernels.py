@@ -409,7 +409,7 @@ def fp8_projection_reference(x, layer):
     take stay in the compute dtype, as in the fused path)."""
     from nanolora.kernels.fp8_matmul import fits, quantize_rows_reference
     x2d = x.reshape(-1, x.shape[-1])
-    if fits(x2d, layer.weight):
+    if fits(layer.weight):
         (x8, x_scale), (w8, w_scale) = quantize_rows_reference(x2d), fp8_weight_reference(layer.weight, x.dtype)
         y = ((x8.float() * x_scale) @ (w8.float() * w_scale).T).to(torch.bfloat16).to(x.dtype)
     else:
