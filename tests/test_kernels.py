@@ -300,12 +300,18 @@ def test_training_step_with_kernels_equals_references(tmp_path, family, nf4):
     llama (GQA, llama3 rope), qwen2 (q/k/v bias), qwen3 (q/k norm, head_dim != hidden/heads),
     gemma2/gemma3 (GeGLU through the fused MLP; norms, soft-capped attention and the capped
     loss falling back to the references).
-    fp32 on the CPU: the two paths agree to 1e-5 (loss) and 1e-4 (each gradient tensor).
+    fp32 (the CPU; on the GPU too, compiled): the two paths agree to 1e-5 (loss) and 1e-4
+    (each gradient tensor).
     bf16 under autocast on the GPU: the two round differently, and rounding compounds over the
-    layers; how much depends on the model (gemma3's LoRA gradients move by ~2.7% in fp16 on
+    layers; how much depends on the model (gemma3's LoRA gradients move by ~1-2% in fp16 on
     the CPU, with kernels or without, and about 8 times that in bf16). So both are compared with
-    the same model's fp32 step without kernels, as the single ops are: the fused path's error
-    must be at most twice the reference's plus two bf16 ulps, per gradient tensor."""
+    the same model's fp32 step without kernels, as the single ops are: the fused path's loss
+    error must be at most twice the reference's plus a bf16 ulp; its gradient errors, averaged
+    over the tensors, at most 1.5 times the reference's, and on no tensor more than 4 times
+    plus two ulps. (Per tensor the two errors are two draws of rounding noise: over three seeds
+    of gemma3 in fp16 on the CPU, the fused path's worst tensor was 1.6x the reference's
+    while its mean was 0.75-0.9x; on the GPU in bf16 one tensor was 0.193 against 0.078.) A
+    wrong kernel shows in the fp32 comparison, which is exact up to summation order."""
     from nanolora.lora import lora_parameters
     model, g = lora_model(tmp_path, family, nf4)
     ids = torch.randint(0, 512, (2, 24), generator=g).to(DEVICE)
@@ -332,10 +338,19 @@ def test_training_step_with_kernels_equals_references(tmp_path, family, nf4):
     model.float()  # the same (bf16-valued) weights, computed in fp32: the truth
     autocast = torch.autocast("cuda", enabled=False)
     loss_true, grads_true = step()
+    ops.use_kernels(True)
+    loss_fused32, grads_fused32 = step()
+    assert abs(loss_fused32 - loss_true) / abs(loss_true) < 1e-5
+    errors = [rel_err(f, t) for f, t in zip(grads_fused32, grads_true)]
+    assert max(errors) < 1e-4, f"fp32: worst LoRA gradient error {max(errors):.2e}"
     eps = torch.finfo(torch.bfloat16).eps
     assert abs(loss_fused - loss_true) <= 2 * abs(loss_ref - loss_true) + eps * abs(loss_true)
-    for i, (f, r, t) in enumerate(zip(grads_fused, grads_ref, grads_true)):
-        assert rel_err(f, t) <= 2 * rel_err(r, t) + 2 * eps, f"LoRA gradient {i}: {rel_err(f, t):.3g} vs {rel_err(r, t):.3g}"
+    errors_fused = [rel_err(f, t) for f, t in zip(grads_fused, grads_true)]
+    errors_ref = [rel_err(r, t) for r, t in zip(grads_ref, grads_true)]
+    mean_fused, mean_ref = sum(errors_fused) / len(errors_fused), sum(errors_ref) / len(errors_ref)
+    assert mean_fused <= 1.5 * mean_ref, f"mean LoRA gradient error {mean_fused:.3g} vs {mean_ref:.3g}"
+    for i, (f, r) in enumerate(zip(errors_fused, errors_ref)):
+        assert f <= 4 * r + 2 * eps, f"LoRA gradient {i}: {f:.3g} vs {r:.3g}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -424,8 +439,9 @@ def fp8_projection_reference(x, layer):
 @pytest.mark.parametrize("shape", [(24, 64, 48), (7, 96, 32), (5, 128, 16)], ids=str)
 def test_fp8_matmul_equals_its_reference(shape):
     """_scaled_mm on the row-scaled e4m3 operands against the same roundings multiplied in
-    fp32: within one bf16 rounding of the output (both round an fp32 sum once; the sums may
-    differ in order). The e4m3 rounding is really there: against the unrounded x W^T the error
+    fp32: within one bf16 step of the output (both round an fp32 sum once; the sums may differ
+    in order, so an output may round to the neighbouring bf16 value, up to 2^-7 of itself; on
+    the GPU, 2^-7.7 of the largest output was seen). The e4m3 rounding is really there: against the unrounded x W^T the error
     is FP8's (3 mantissa bits: percents), far above bf16's."""
     from nanolora.kernels.fp8_matmul import fp8_matmul, fp8_matmul_reference, quantize_rows
     tokens, d_in, d_out = shape
@@ -434,38 +450,42 @@ def test_fp8_matmul_equals_its_reference(shape):
     w = (torch.randn(d_out, d_in, generator=g) / d_in ** 0.5).to(DEVICE, torch.bfloat16)
     got = fp8_matmul(*quantize_rows(x), *quantize_rows(w))
     assert got.dtype == torch.bfloat16 and got.shape == (tokens, d_out)
-    assert rel_err(got, fp8_matmul_reference(x, w)) <= 2 ** -8
+    assert rel_err(got, fp8_matmul_reference(x, w)) <= 2 ** -7
     assert 5e-3 < rel_err(got, x.float() @ w.float().T) < 0.1
 
 
 @pytest.fixture(scope="module")
-def fp8_interpreted():
-    """A copy of kernels/fp8_matmul.py whose scaling kernel runs in Triton's interpreter."""
+def fp8_kernels():
+    """kernels/fp8_matmul.py compiled on a GPU; on the CPU, a copy whose scaling kernel runs in
+    Triton's interpreter. (Not the interpreted copy on a GPU machine: Triton 3.6's interpreter
+    there fails on a loop bounded by a kernel argument, a numpy conversion error.)"""
     from nanolora.kernels import fp8_matmul
+    if CUDA:
+        return fp8_matmul
     from triton_interpreter import interpreted_copy
     return interpreted_copy(fp8_matmul)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.float8_e4m3fn] if CUDA else []), ids=str)
 @pytest.mark.parametrize("shape", [(7, 96), (40, 1000), (3, 4100), (0, 64)], ids=str)
-def test_interpreted_quantize_rows_kernel_equals_torch(fp8_interpreted, dtype, shape):
+def test_quantize_rows_kernel_equals_torch(fp8_kernels, dtype, shape):
     """The row kernel (each row's max |value|, the row times 448 / max in fp32, one cast, the
     scale 1 / inverse) against quantize_rows_reference's torch arithmetic, bit for bit, for rows
     of 1e-3 to 1e3 that end inside or at the kernel's 1024-value steps, a row of zeros, a row
-    with one NaN (all NaN after, scale too, as in torch) and none. In fp32 and fp16 only: the
-    interpreter's casts to bf16 and e4m3 are wrong (test_gpu_quantize_rows_equals_reference
-    checks e4m3 on a GPU)."""
+    with one NaN (all NaN after, scale too, as in torch) and none. Interpreted, in fp32 and fp16
+    only: the interpreter's casts to bf16 and e4m3 are wrong; compiled on a GPU, e4m3 too
+    (test_gpu_quantize_rows_equals_reference checks it on an 8B activation's shape)."""
     g = torch.Generator().manual_seed(0)
-    t = (torch.randn(shape, generator=g) * torch.logspace(-3, 3, shape[0])[:, None]).bfloat16()
+    t = (torch.randn(shape, generator=g) * torch.logspace(-3, 3, shape[0])[:, None]).bfloat16().to(DEVICE)
     if shape[0]:
         t[shape[0] // 2] = 0
         t[-1, shape[1] // 3] = float("nan")
-    inverse = fp8_interpreted.row_inverses(t)
-    out, scale = fp8_interpreted.quantize_rows_triton(t, dtype)
+    inverse = fp8_kernels.row_inverses(t)
+    out, scale = fp8_kernels.quantize_rows_triton(t, dtype)
     exactly = dict(rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(out, (t.float() * inverse).to(dtype), **exactly)
+    torch.testing.assert_close(out.float(), (t.float() * inverse).to(dtype).float(), **exactly)
     torch.testing.assert_close(scale, inverse.reciprocal(), **exactly)
-    assert not shape[0] or (out[-1].isnan().all() and scale[-1].isnan())
+    assert not shape[0] or (out[-1].float().isnan().all() and scale[-1].isnan())
 
 
 @pytest.mark.gpu
@@ -487,9 +507,9 @@ def test_fp8_rows_are_scaled_to_e4m3s_largest_value():
     from nanolora.kernels.lora_projections import fp8_weight
     g = torch.Generator().manual_seed(0)
     t = torch.randn(40, 128, generator=g) * torch.logspace(-4, 4, 40)[:, None]
-    nf4_weight = quantize_nf4(torch.randn(40, 128, generator=g))
+    nf4_weight = quantize_nf4(torch.randn(40, 128, generator=g).to(DEVICE))
     for original, (t8, scale) in ((t, quantize_rows(t.to(DEVICE))),
-                                  (dequantize_nf4(nf4_weight, torch.float32), fp8_weight(nf4_weight, torch.float32))):
+                                  (dequantize_nf4(nf4_weight, torch.float32).cpu(), fp8_weight(nf4_weight, torch.float32))):
         values = t8.float().cpu()
         assert torch.equal(values.abs().amax(1), torch.full((40,), 448.0))
         normal = values.abs() >= 448 * 2 ** -6
@@ -537,8 +557,10 @@ def test_fp8_mlp_matches_reference(dtype, nf4):
     compute h = silu(e) g differently (fp32 in the kernel, the compute dtype in torch), so an
     h near an e4m3 rounding boundary can round the other way before the down GEMM: one e4m3
     step (1/8 relative) of one term of a 96-term sum. In fp32 none did (measured <= 2e-7 over
-    4 seeds; bound 1e-5, while a down projection left out of FP8 misses by 7e-3); bf16's
-    coarser h may: bound 1e-2 there. Gradients: the backward runs in the compute
+    4 seeds on the CPU, where the interpreter's exp is torch's; bound 1e-5, while a down
+    projection left out of FP8 misses by 7e-3). On the GPU, Triton's exp and torch's differ in
+    the last bits, and fp32 h did round the other way (5e-4 and 2e-3 of the largest output);
+    bf16's coarser h may anywhere: bound 1e-2 for both. Gradients: the backward runs in the compute
     dtype from the FP8 forward's e and g, so they differ from the non-FP8 path's by FP8's
     error (measured 0.4-3.7% per tensor over 4 seeds; bound 10%), and must not be equal."""
     spec = [((64, 96, 16), False, 0), ((64, 96, 16), False, 1), ((96, 64, 8), False, 2)]
@@ -552,7 +574,7 @@ def test_fp8_mlp_matches_reference(dtype, nf4):
     out_fp8, dx_fp8, grads_fp8 = run(lambda x: ops.gated_mlp(x, *layers), x, layers)
     ops.use_fp8(False)
     out_plain, dx_plain, grads_plain = run(lambda x: ops.gated_mlp(x, *layers), x, layers)
-    assert rel_err(out_fp8[0], reference(x)) <= (1e-5 if dtype == torch.float32 else 1e-2)
+    assert rel_err(out_fp8[0], reference(x)) <= (1e-5 if dtype == torch.float32 and not CUDA else 1e-2)
     assert 0 < rel_err(dx_fp8, dx_plain) <= 0.1
     for a, b in zip(grads_fp8, grads_plain):
         assert 0 < rel_err(a, b) <= 0.1
