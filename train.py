@@ -56,7 +56,7 @@ DEFAULTS = dict(
     epochs=1,
     lr=1e-3, schedule="cosine", warmup_steps=4, weight_decay=0.0, max_grad_norm=1.0,
     optim="adamw",              # adamw (fp32 state: 8 bytes/param) | adamw_8bit (blockwise 8-bit: 2.03 bytes/param)
-    fp8=False,                  # the frozen base's forward GEMMs in FP8 (Ada/Hopper; kernels/fp8_matmul.py)
+    fp8=False,                  # the frozen base's GEMMs in FP8 (Ada/Hopper; kernels/fp8_matmul.py)
     seed=1337,
     grad_checkpointing="auto",  # false | true | offload (inputs wait in CPU memory) | auto: offload when graphed
     cuda_graphs="auto",         # replay each micro-step as a CUDA graph (nanolora/cuda_graphs.py); auto: when --pack

@@ -13,6 +13,8 @@ projection of the 8B block (x [T, in], W [out, in]):
     bf16 bwd     dx = dy W
     fp8 bwd      dx = (dy8 W8t^T) * sdy * swt              needs W^T in e4m3 too (W8t [in, out])
     quant dy     as quant x, for dy [T, out]
+    fp8 dx       --fp8's dy W on an NF4 base: W^T into e4m3 by the transposed NF4 kernel, dy times W's
+                 row scales quantized by row, the GEMM (and on a 16-bit base, W^T by quantize_rows_transposed)
     nf4 -> bf16  the dequantization an NF4 base pays per use today (kernels/nf4_dequant.py)
     nf4 -> e4m3  --fp8's: the NF4 weight scaled by row into e4m3 in one pass (the same kernel)
     quant W      a 16-bit weight's, the same way (--fp8 over a bf16 base, every use)
@@ -32,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nanolora.kernels.fp8_matmul import fp8_matmul, quantize_rows  # noqa: E402
+from nanolora.kernels.fp8_matmul import fp8_input_grad, fp8_matmul, quantize_rows, quantize_rows_transposed  # noqa: E402
 
 SHAPES_8B = [("q_proj+k_proj+v_proj", 4096, 6144), ("o_proj", 4096, 4096),
              ("gate_proj+up_proj", 4096, 28672), ("down_proj", 14336, 4096)]  # (name, in, out)
@@ -91,6 +93,9 @@ def measure(name, tokens, d_in, d_out, device, repeat):
                quant_x=timed(lambda: quantize_rows(x), repeat),
                bf16_bwd=timed(lambda: dy @ w, repeat), fp8_bwd=timed(lambda: fp8_matmul(dy8, sdy, wt8, swt), repeat),
                quant_dy=timed(lambda: quantize_rows(dy), repeat),
+               fp8_dx=timed(lambda: fp8_input_grad(dy, *fp8_weight(nf4, torch.bfloat16, transposed=True)), repeat)
+               if x.is_cuda else float("nan"),
+               fp8_dx_16=timed(lambda: fp8_input_grad(dy, *quantize_rows_transposed(w)), repeat),
                nf4=timed(lambda: dequantize_nf4(nf4, torch.bfloat16), repeat),
                # (a Triton kernel: on the CPU only in the interpreter, TRITON_INTERPRET=1)
                nf4_e4m3=timed(lambda: fp8_weight(nf4, torch.bfloat16), repeat) if x.is_cuda else float("nan"),
@@ -133,11 +138,20 @@ def main():
           f"({bf16 / fp8_gemms:.2f}x); fp8 with its quant passes {fp8_all:.3f} ({bf16 / fp8_all:.2f}x); "
           f"fp8 forwards only, bf16 backward {fp8_fwd_only:.3f} ({bf16 / fp8_fwd_only:.2f}x)")
     # what --fp8 does on an NF4 base: each forward dequantizes to e4m3 and quantizes x; the
-    # backward dequantizes to bf16 as without FP8
+    # backward dequantizes to e4m3 again and runs fp8_input_grad (dy scaled and quantized, W's
+    # bytes transposed, the GEMM); "forwards only" is the backward as without FP8
     nf4_bf16 = 2 * (total["nf4"] + total["bf16_fwd"]) + total["nf4"] + total["bf16_bwd"]
-    nf4_fp8 = 2 * (total["nf4_e4m3"] + total["quant_x"] + total["fp8_fwd"]) + total["nf4"] + total["bf16_bwd"]
-    print(f"NF4 base, as --fp8 runs it: bf16 {nf4_bf16:.3f} ms, --fp8 {nf4_fp8:.3f} ({nf4_bf16 / nf4_fp8:.2f}x)")
+    nf4_fp8_forward = 2 * (total["nf4_e4m3"] + total["quant_x"] + total["fp8_fwd"])
+    nf4_fp8 = nf4_fp8_forward + total["fp8_dx"]  # (fp8_dx includes its transposed dequant)
+    nf4_fwd_only = nf4_fp8_forward + total["nf4"] + total["bf16_bwd"]
+    print(f"NF4 base, as --fp8 runs it: bf16 {nf4_bf16:.3f} ms, --fp8 {nf4_fp8:.3f} ({nf4_bf16 / nf4_fp8:.2f}x); "
+          f"FP8 forwards only {nf4_fwd_only:.3f} ({nf4_bf16 / nf4_fwd_only:.2f}x); fp8_input_grad per block "
+          f"{total['fp8_dx']:.3f} against bf16's dequant and dy W {total['nf4'] + total['bf16_bwd']:.3f}")
 
+    # a 16-bit base: each forward quantizes W and x; the backward quantize_rows_transposed(W) and the rest
+    bf16_fp8 = 2 * (total["quant_w"] + total["quant_x"] + total["fp8_fwd"]) + total["fp8_dx_16"]
+    print(f"bf16 base, as --fp8 runs it: bf16 {bf16:.3f} ms, --fp8 {bf16_fp8:.3f} ({bf16 / bf16_fp8:.2f}x); "
+          f"fp8_input_grad per block {total['fp8_dx_16']:.3f} against bf16's dy W {total['bf16_bwd']:.3f}")
 
 if __name__ == "__main__":
     main()

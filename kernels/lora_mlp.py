@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from nanolora.kernels.fp8_matmul import fits, quantize_rows
-from nanolora.kernels.lora_projections import (Projection, add_input_grad, dense_weight, gather_grads,
+from nanolora.kernels.lora_projections import (Projection, add_input_grad, gather_grads,
                                                lora_parameters, project_group, project_group_backward,
                                                project_with_input_lora)
 
@@ -121,7 +121,7 @@ class LoRAMLP(torch.autograd.Function):
         h = gated_activation(e, g, activation)
         xa_down = h @ down.lora_A_cast.T if down.lora_A is not None else None
         ctx.projections, ctx.activation, ctx.x_shape, ctx.x_dtype = (gate, up, down), activation, x.shape, x.dtype
-        ctx.gate_up_A_cat = gate_up_A_cat
+        ctx.gate_up_A_cat, ctx.fp8 = gate_up_A_cat, fp8
         ctx.save_for_backward(x2d, e, g, xa_gate_up, xa_down)
         if skip_output:  # a recompute whose output nobody reads: the graph is all it is for
             y = torch.empty(x2d.shape[0], down.weight.shape[0], device=x.device, dtype=dtype)
@@ -142,14 +142,14 @@ class LoRAMLP(torch.autograd.Function):
             dxa_down = dy @ down.scaled_B_cast  # [T, r]
             dh = dxa_down @ down.lora_A_cast
             grad_B_down = (dy.T @ xa_down).mul_(down.scale).to(down.lora_B.dtype)
-        dh = add_input_grad(dh, dy, dense_weight(down.weight, dy.dtype))
+        dh = add_input_grad(dh, dy, down.weight, ctx.fp8)
         h, de, dg = gated_activation_backward_(dh, e, g, ctx.activation)
         if down.lora_A is not None:
             grad_A_down = (dxa_down.T @ h).to(down.lora_A.dtype)
         del h
         need_dx = ctx.needs_input_grad[0]
         dx, (grads_gate, grads_up) = project_group_backward((de, dg), x2d, xa_gate_up, (gate, up),
-                                                            ctx.gate_up_A_cat, need_dx)
+                                                            ctx.gate_up_A_cat, need_dx, ctx.fp8)
         if need_dx:
             dx = dx.view(ctx.x_shape)
             dx = dx if dx.dtype == ctx.x_dtype else dx.to(ctx.x_dtype)
@@ -165,7 +165,7 @@ def lora_mlp(x, gate, up, down, dtype, activation="silu", skip_output=False, gat
     skip_output=True leaves the output's values uncomputed (an uninitialised tensor that
     carries the graph): for a checkpoint recompute, which needs only what the backward saves.
     The caller must know that nothing reads the values (ops.gated_mlp decides). fp8: the base
-    GEMMs of the forward in FP8 (kernels/fp8_matmul.py)."""
+    GEMMs in FP8, forward and input gradient (kernels/fp8_matmul.py)."""
     if activation not in ("silu", "gelu_tanh"):
         raise ValueError(f"lora_mlp: activation {activation!r} is not supported (silu, gelu_tanh)")
     with torch.autocast(x.device.type, enabled=False):

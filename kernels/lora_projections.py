@@ -33,7 +33,8 @@ from typing import NamedTuple
 
 import torch
 
-from nanolora.kernels.fp8_matmul import fits, fp8_matmul, inverse_scales, quantize_rows
+from nanolora.kernels.fp8_matmul import (fits, fp8_input_grad, fp8_matmul, inverse_scales, quantize_rows,
+                                         quantize_rows_transposed)
 
 
 class Projection(NamedTuple):
@@ -55,21 +56,24 @@ def dense_weight(weight, dtype):
     return dequantize_nf4_triton(weight, dtype)
 
 
-def fp8_weight(weight, dtype):
-    """The frozen base weight in e4m3 with its row scales, as fp8_matmul takes it: an NF4 weight
-    whose blocks lie within rows straight from its 4-bit codes, in one pass (its row_absmax
-    scales each row to E4M3_MAX; 1.5 bytes moved per value); any other through dense_weight
-    and quantize_rows."""
+def fp8_weight(weight, dtype, transposed=False):
+    """The frozen base weight in e4m3 with its row scales [out, 1], as fp8_matmul takes it: an
+    NF4 weight whose blocks lie within rows straight from its 4-bit codes, in one pass (its
+    row_absmax scales each row to E4M3_MAX; 1.5 bytes moved per value); any other through
+    dense_weight and quantize_rows. transposed: W8^T [in, out], as fp8_input_grad takes it,
+    the same bytes written transposed by the kernels (nf4_dequant's transposed one, or
+    fp8_matmul.quantize_rows_transposed)."""
     row_absmax = getattr(weight, "row_absmax", None)
     if row_absmax is None:
-        return quantize_rows(dense_weight(weight, dtype))
+        dense = dense_weight(weight, dtype)
+        return quantize_rows_transposed(dense) if transposed else quantize_rows(dense)
     from nanolora.kernels.nf4_dequant import dequantize_nf4_triton
     inverse = inverse_scales(row_absmax)
     if weight.packed.is_cuda:
-        w8 = dequantize_nf4_triton(weight, torch.float8_e4m3fn, inverse)
+        w8 = dequantize_nf4_triton(weight, torch.float8_e4m3fn, inverse, transposed)
     else:  # Triton's interpreter (the tests on a CPU) casts to e4m3 wrongly near powers of two:
         # the kernel's float32 values, cast by torch (the GPU test checks the two casts agree)
-        w8 = dequantize_nf4_triton(weight, torch.float32, inverse).to(torch.float8_e4m3fn)
+        w8 = dequantize_nf4_triton(weight, torch.float32, inverse, transposed).to(torch.float8_e4m3fn)
     return w8, inverse.reciprocal()[:, None]
 
 
@@ -97,8 +101,16 @@ def project_with_input_lora(x, xa, p: Projection, dtype, x_fp8=None):
     return y.addmm_(x, w.T)
 
 
-def add_input_grad(dx, dy, w):
-    """dx + dy w, with dx None meaning zero (then it is allocated here)."""
+def add_input_grad(dx, dy, weight, fp8=False):
+    """dx + dy W for a frozen base weight W, with dx None meaning zero (then it is allocated
+    here). fp8 and a W whose shape fits: dy W in FP8 (fp8_matmul.fp8_input_grad), added to
+    dx in a separate pass (_scaled_mm cannot add into its output); otherwise inside the GEMM
+    (beta = 1)."""
+    if fp8 and fits(weight):
+        base = fp8_input_grad(dy, *fp8_weight(weight, dy.dtype, transposed=True))
+        base = base if base.dtype == dy.dtype else base.to(dy.dtype)
+        return base if dx is None else dx.add_(base)
+    w = dense_weight(weight, dy.dtype)
     return dy @ w if dx is None else dx.addmm_(dy, w)
 
 
@@ -113,10 +125,10 @@ def project_group(x, projections, dtype, lora_A_cat, fp8=False):
     return [project_with_input_lora(x, xa, p, dtype, x_fp8) for p, xa in zip(projections, xas)], xa_cat
 
 
-def project_group_backward(dys, x, xa_cat, projections, lora_A_cat, need_dx):
+def project_group_backward(dys, x, xa_cat, projections, lora_A_cat, need_dx, fp8=False):
     """project_group's backward: (dL/dx or None, [(dA_i, dB_i)]). The LoRA terms of dx and of the
     A gradients are one GEMM each over the stacked [T, sum r] dxa_cat; dx then accumulates every
-    projection's dy_i W_i inside the base GEMMs (beta = 1)."""
+    projection's dy_i W_i inside the base GEMMs (beta = 1). fp8: those in FP8 (add_input_grad)."""
     xas = _column_blocks(xa_cat, projections)
     grads, dxas = [], []
     for p, dy, xa in zip(projections, dys, xas):
@@ -139,7 +151,7 @@ def project_group_backward(dys, x, xa_cat, projections, lora_A_cat, need_dx):
                 rows += r
     if need_dx:
         for p, dy in zip(projections, dys):
-            dx = add_input_grad(dx, dy, dense_weight(p.weight, dy.dtype))
+            dx = add_input_grad(dx, dy, p.weight, fp8)
     return dx, [tuple(pair) for pair in grads]
 
 
@@ -175,6 +187,7 @@ class LoRAProjections(torch.autograd.Function):
         x2d = x2d if x2d.dtype == dtype else x2d.to(dtype)
         ys, xa_cat = project_group(x2d, projections, dtype, lora_A_cat, fp8)
         ctx.projections, ctx.lora_A_cat, ctx.x_shape, ctx.x_dtype = projections, lora_A_cat, x.shape, x.dtype
+        ctx.fp8 = fp8
         ctx.save_for_backward(x2d, xa_cat)
         return tuple(y.view(*x.shape[:-1], -1) for y in ys)
 
@@ -184,7 +197,7 @@ class LoRAProjections(torch.autograd.Function):
         need_dx = ctx.needs_input_grad[0]
         dys = [dy.reshape(-1, dy.shape[-1]) for dy in grad_outputs]
         dys = [dy if dy.dtype == x2d.dtype else dy.to(x2d.dtype) for dy in dys]
-        dx, grads = project_group_backward(dys, x2d, xa_cat, ctx.projections, ctx.lora_A_cat, need_dx)
+        dx, grads = project_group_backward(dys, x2d, xa_cat, ctx.projections, ctx.lora_A_cat, need_dx, ctx.fp8)
         if need_dx:
             dx = dx.view(ctx.x_shape)
             dx = dx if dx.dtype == ctx.x_dtype else dx.to(ctx.x_dtype)
@@ -194,7 +207,7 @@ class LoRAProjections(torch.autograd.Function):
 def lora_projections(x, projections, dtype, lora_A_cat, fp8=False):
     """Each projection applied to x [..., in], in the compute dtype; differentiable in x and in
     every LoRA A/B. lora_A_cat: the LoRA projections' A casts stacked (ops.lora_A_stacked).
-    fp8: the base GEMMs of the forward in FP8 (kernels/fp8_matmul.py). Runs with autocast off:
+    fp8: the base GEMMs in FP8, forward and input gradient (kernels/fp8_matmul.py). Runs with autocast off:
     the dtypes are decided here."""
     with torch.autocast(x.device.type, enabled=False):
         return LoRAProjections.apply(x, projections, dtype, lora_A_cat, fp8, *lora_parameters(projections))

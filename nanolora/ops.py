@@ -8,9 +8,9 @@ backward). An op dispatches to its kernel when the tensors are on CUDA, kernels 
 and the case is one the kernel covers (e.g. LoRA dropout 0); otherwise the reference runs.
 
 `NANOLORA_KERNELS=0` in the environment, or `ops.use_kernels(False)` from Python, forces the
-references everywhere. `ops.use_fp8(True)` (train.py --fp8 true) runs the frozen base's forward
-GEMMs of the fused projection and MLP ops in FP8 (kernels/fp8_matmul.py); the references and
-every backward stay in the compute dtype.
+references everywhere. `ops.use_fp8(True)` (train.py --fp8 true) runs the frozen base's GEMMs
+of the fused projection and MLP ops in FP8, forward and input gradient (kernels/fp8_matmul.py);
+LoRA and the references stay in the compute dtype.
 """
 import math
 import os

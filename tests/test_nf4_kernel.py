@@ -125,6 +125,19 @@ def test_interpreted_row_scaled_kernel_equals_reference(interpreted, shape, doub
                        row_scaled_reference(q, inverse, torch.float32))
 
 
+@pytest.mark.parametrize("shape", [(64, 64), (130, 320), (48, 448), (5, 128)])
+@pytest.mark.parametrize("double_quant", [True, False], ids=["double_quant", "fp32_absmax"])
+def test_interpreted_transposed_kernel_equals_reference(interpreted, shape, double_quant):
+    """The transposed kernel (--fp8's W^T for dL/dx) writes the row-scaled values as [cols,
+    rows]: equal to the torch reference transposed, bit for bit, in float32, with row counts
+    that fill its 64-row tiles, leave one part-filled, or stay under one."""
+    q = quantize_nf4(random_weight(shape, torch.bfloat16), double_quant=double_quant)
+    inverse = torch.rand(shape[0], generator=torch.Generator().manual_seed(3)) * 100 + 0.5
+    got = interpreted.dequantize_nf4_triton(q, torch.float32, inverse, transposed=True)
+    assert got.shape == (shape[1], shape[0]) and got.is_contiguous()
+    assert torch.equal(got, row_scaled_reference(q, inverse, torch.float32).T)
+
+
 def test_row_absmax_bounds_each_row(interpreted):
     """NF4Weight.row_absmax is each row's largest |value| (a block's largest value is its scale
     exactly), or above it for a row with an all-zero block, whose double-quantized scale is
@@ -140,6 +153,8 @@ def test_row_absmax_bounds_each_row(interpreted):
         interpreted.dequantize_nf4_triton(q, torch.float8_e4m3fn, torch.ones(7))
     with pytest.raises(ValueError, match=r"float8_e4m3fn is not supported \(expected float32, float16, bfloat16\)"):
         interpreted.dequantize_nf4_triton(q, torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="transposed=True needs row_inverse"):
+        interpreted.dequantize_nf4_triton(q, torch.float32, transposed=True)
 
 
 @pytest.mark.gpu
@@ -147,8 +162,12 @@ def test_row_absmax_bounds_each_row(interpreted):
 @pytest.mark.parametrize("double_quant", [True, False], ids=["double_quant", "fp32_absmax"])
 def test_gpu_row_scaled_kernel_casts_to_e4m3_as_torch(double_quant):
     """The kernel's own cast to e4m3 (round to nearest even, in range by construction: each
-    row's largest value scales to 448) against torch's, bit for bit, on a 4096 x 14336 weight."""
+    row's largest value scales to 448) against torch's, bit for bit, on a 4096 x 14336 weight;
+    and the transposed kernel's, against the same bytes transposed."""
     q = quantize_nf4(random_weight((4096, 14336), torch.bfloat16, device="cuda"), double_quant=double_quant)
     inverse = 448.0 / q.row_absmax.clamp(min=1e-30)
     ours = nf4_dequant.dequantize_nf4_triton(q, torch.float8_e4m3fn, inverse)
-    assert torch.equal(ours.view(torch.uint8), row_scaled_reference(q, inverse, torch.float8_e4m3fn).view(torch.uint8))
+    reference = row_scaled_reference(q, inverse, torch.float8_e4m3fn).view(torch.uint8)
+    assert torch.equal(ours.view(torch.uint8), reference)
+    transposed = nf4_dequant.dequantize_nf4_triton(q, torch.float8_e4m3fn, inverse, transposed=True)
+    assert torch.equal(transposed.view(torch.uint8), reference.T)
