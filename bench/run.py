@@ -17,7 +17,7 @@ graph, the checkpointed block inputs offloaded to CPU memory. `nanolora-keep` ke
 inputs on the GPU (--grad_checkpointing true); `nanolora-eager` launches every kernel from
 Python (--cuda_graphs false, inputs kept); `nanolora-ref` is eager with NANOLORA_KERNELS=0 (the
 torch references, no fused kernels), so one table shows what each part buys. `nanolora-fp8`
-is the default with the base's forward GEMMs in FP8 (--fp8 true, an opt-in of train.py; on a
+is the default with the base's GEMMs in FP8 (--fp8 true, an opt-in of train.py; on a
 GPU without FP8 matmuls its rows say so).
 HF is skipped from 32k tokens on (it needs ~61 GiB and minutes per step there; PEERS.md has
 its number).

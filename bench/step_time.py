@@ -153,7 +153,7 @@ def main():
                         help="nanolora: each row packed from this many equal documents (segment ids, positions from 0)")
     parser.add_argument("--docs_masked", action="store_true",
                         help="with --docs: attention within documents by a boolean mask, not variable-length kernels")
-    parser.add_argument("--fp8", action="store_true", help="nanolora: the base's forward GEMMs in FP8 (--fp8 true)")
+    parser.add_argument("--fp8", action="store_true", help="nanolora: the base's GEMMs in FP8 (--fp8 true)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--print_loss_every", type=int, default=0)

@@ -400,8 +400,7 @@ def gguf_tokenizer(gguf):
     text unless tokenizer.ggml.add_space_prefix is false). Control tokens become special
     added tokens and user-defined ones plain added tokens, so they are matched whole in text.
     """
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as Backend
+    from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
 
     from nanolora.tokenizer import Tokenizer, llama_pipeline
     meta, path = gguf.metadata, gguf.path

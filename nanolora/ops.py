@@ -40,7 +40,8 @@ _fp8 = False
 
 
 def use_fp8(enabled: bool):
-    """The base's forward GEMMs in FP8 on the fused path (an opt-in: it changes the numbers)."""
+    """The base's GEMMs (forward and input gradient) in FP8 on the fused path (an opt-in: it
+    changes the numbers)."""
     global _fp8
     _fp8 = bool(enabled)
 
