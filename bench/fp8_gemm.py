@@ -24,6 +24,11 @@ passes (which a fused kernel could hide inside RMSNorm or the activation), and e
 output's error relative to the fp32 product. Times are CUDA-event medians of a CUDA graph's
 replay (the GPU's time, as train.py's graphed steps pay it). On a machine without CUDA it
 runs tiny shapes on the CPU: a check that it runs, not a measurement.
+
+q/k/v and gate/up are timed as one stacked weight each. That is how their forwards run, but
+in the backward --fp8 makes one fp8_input_grad per projection and adds each after the first
+into dx in a pass (lora_projections.input_grad), so the per-block backward here is a lower
+bound; bench/run.py's tokens/s are what a step pays.
 """
 import argparse
 import statistics

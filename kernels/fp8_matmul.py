@@ -13,13 +13,15 @@ one outlier row does not flush the others' small values to zero.
 
 The base's three GEMMs of a step use it: the forward, the checkpoint recompute, and the
 input gradient dL/dx = dL/dy W (fp8_input_grad, below: W's row scales are folded into dy's
-columns, so the forward's rounding of W serves again, transposed: an NF4 weight's written
-that way straight from its 4-bit codes by kernels/nf4_dequant.py, a 16-bit one's by
-quantize_rows_transposed). A frozen weight has no weight gradient to compute. LoRA stays
+columns, so W is rounded as in the forward, its e4m3 rows made again for the backward and
+written transposed: an NF4 weight's straight from its 4-bit codes by kernels/nf4_dequant.py,
+a 16-bit one's by quantize_rows_transposed). A frozen weight has no weight gradient to compute. LoRA stays
 in the compute dtype. W is quantized where it is used, as NF4 is dequantized (into 1 byte a
 value where the bf16 dequant takes 2), x once per group of projections that read it: nothing
-is kept between steps, and the transients are at most a chunk's fp32 quotient (CHUNK_VALUES,
-the torch path's) beyond the e4m3 copies.
+is kept between steps. The transients are the e4m3 copies (x or dy: 1 byte a value; W), and
+_scaled_mm's bf16 output where it cannot be written into an existing buffer: in the backward,
+each input-gradient term after a group's first (lora_projections.input_grad). The torch path
+adds a chunk's fp32 quotient (CHUNK_VALUES).
 
 fp8_matmul's output is bf16 whatever the compute dtype: under fp16 compute (reachable from
 Python only; train.py computes in bf16 on every GPU with FP8) the base product is rounded to
@@ -52,6 +54,15 @@ def _larger(a, b):
 
 
 @triton.jit
+def _load_scaled(t_row, column_scale_ptr, offsets, cols, COLUMN_SCALED: tl.constexpr):
+    # a step of a row in fp32, times its columns' factors if COLUMN_SCALED (both of the kernel's passes)
+    t = tl.load(t_row + offsets, mask=offsets < cols, other=0.0).to(tl.float32)
+    if COLUMN_SCALED:
+        t = t * tl.load(column_scale_ptr + offsets, mask=offsets < cols, other=0.0)
+    return t
+
+
+@triton.jit
 def _quantize_rows_kernel(t_ptr, column_scale_ptr, out_ptr, scale_ptr, cols,
                           COLUMN_SCALED: tl.constexpr, BLOCK: tl.constexpr):
     """One row per program: its largest |value| over BLOCK-wide steps, then the row again (from
@@ -67,18 +78,14 @@ def _quantize_rows_kernel(t_ptr, column_scale_ptr, out_ptr, scale_ptr, cols,
     nan = tl.full([BLOCK], 0.0, tl.float32)  # 1 where a NaN was seen
     for start in range(0, cols, BLOCK):
         offsets = start + tl.arange(0, BLOCK)
-        t = tl.load(t_row + offsets, mask=offsets < cols, other=0.0).to(tl.float32)
-        if COLUMN_SCALED:
-            t = t * tl.load(column_scale_ptr + offsets, mask=offsets < cols, other=0.0)
+        t = _load_scaled(t_row, column_scale_ptr, offsets, cols, COLUMN_SCALED)
         largest = tl.maximum(largest, tl.abs(t))
         nan = tl.maximum(nan, tl.where(t != t, 1.0, 0.0))
     row_max = tl.where(tl.reduce(nan, 0, _larger) > 0.0, float("nan"), tl.reduce(largest, 0, _larger))
     inverse = tl.math.div_rn(1.0, tl.maximum(row_max, 1e-30, propagate_nan=tl.PropagateNan.ALL)) * 448.0
     for start in range(0, cols, BLOCK):
         offsets = start + tl.arange(0, BLOCK)
-        t = tl.load(t_row + offsets, mask=offsets < cols, other=0.0).to(tl.float32)
-        if COLUMN_SCALED:
-            t = t * tl.load(column_scale_ptr + offsets, mask=offsets < cols, other=0.0)
+        t = _load_scaled(t_row, column_scale_ptr, offsets, cols, COLUMN_SCALED)
         tl.store(out_row + offsets, (t * inverse).to(out_ptr.dtype.element_ty), mask=offsets < cols)
     tl.store(scale_ptr + row, tl.math.div_rn(1.0, inverse))
 
@@ -116,19 +123,19 @@ def quantize_rows_triton(t, column_scale=None, dtype=torch.float8_e4m3fn):
     Triton's interpreter casts into e4m3 (and bf16) wrongly."""
     out = torch.empty(t.shape, dtype=dtype, device=t.device)
     scale = torch.empty(t.shape[0], 1, dtype=torch.float32, device=t.device)
-    if t.shape[0]:  # (zero columns: each row's max is 0 -> 1e-30, as the reference's clamp)
+    if t.shape[0]:  # (zero columns: each row's max is 0 -> scale 1e-30 / 448; fits() keeps them away)
+        # without column factors, any pointer stands in for column_scale: COLUMN_SCALED=False never reads it
         _quantize_rows_kernel[(t.shape[0],)](t, column_scale if column_scale is not None else scale, out, scale,
                                              t.shape[1], COLUMN_SCALED=column_scale is not None, BLOCK=BLOCK)
     return out, scale
 
 
 @triton.jit
-def _scale_rows_transposed_kernel(t_ptr, inverse_ptr, out_ptr, rows, cols,
-                                  TILE_ROWS: tl.constexpr, TILE_COLS: tl.constexpr):
-    """out[c, r] = t[r, c] * inverse[r] in fp32, cast: a [TILE_ROWS, TILE_COLS] tile a program,
-    stored transposed (the compiler turns it around in shared memory for coalesced stores)."""
-    row = tl.program_id(0).to(tl.int64) * TILE_ROWS + tl.arange(0, TILE_ROWS)
-    col = tl.program_id(1).to(tl.int64) * TILE_COLS + tl.arange(0, TILE_COLS)
+def _scale_rows_transposed_kernel(t_ptr, inverse_ptr, out_ptr, rows, cols, TILE: tl.constexpr):
+    """out[c, r] = t[r, c] * inverse[r] in fp32, cast: a [TILE, TILE] tile a program, stored
+    transposed (the compiler turns it around in shared memory for coalesced stores)."""
+    row = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
+    col = tl.program_id(1).to(tl.int64) * TILE + tl.arange(0, TILE)
     mask = (row < rows)[:, None] & (col < cols)[None, :]
     t = tl.load(t_ptr + row[:, None] * cols + col[None, :], mask=mask, other=0.0).to(tl.float32)
     inverse = tl.load(inverse_ptr + row, mask=row < rows, other=0.0)
@@ -147,7 +154,7 @@ def quantize_rows_transposed_triton(t, dtype=torch.float8_e4m3fn):
     out = torch.empty(t.shape[1], t.shape[0], dtype=dtype, device=t.device)
     if t.numel():
         grid = (triton.cdiv(t.shape[0], TILE), triton.cdiv(t.shape[1], TILE))
-        _scale_rows_transposed_kernel[grid](t, inverse, out, t.shape[0], t.shape[1], TILE_ROWS=TILE, TILE_COLS=TILE)
+        _scale_rows_transposed_kernel[grid](t, inverse, out, t.shape[0], t.shape[1], TILE=TILE)
     return out, inverse.reciprocal()
 
 
@@ -156,8 +163,13 @@ def quantize_rows_transposed(t):
     fp8_input_grad takes it. On CUDA the kernel above; elsewhere the reference's bytes transposed."""
     if not t.is_cuda:
         t8, scale = quantize_rows_reference(t)
-        return t8.view(torch.uint8).T.contiguous().view(t8.dtype), scale
+        return transposed_e4m3(t8), scale
     return quantize_rows_transposed_triton(t.contiguous())
+
+
+def transposed_e4m3(t8):
+    """t8^T, contiguous, through its bytes (not every torch build copies float8 on the CPU)."""
+    return t8.view(torch.uint8).T.contiguous().view(t8.dtype)
 
 
 def quantize_rows(t, column_scale=None):

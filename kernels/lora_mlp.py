@@ -16,7 +16,7 @@ block's forward FLOPs) can be skipped (`skip_output`, see nanolora.ops.gated_mlp
 
 Backward, with dy = dL/dy [T, hidden]:
 
-    dh    = dy W_d + (s_d dy B_d) A_d                     (down's input gradient, addmm_)
+    dh    = dy W_d + (s_d dy B_d) A_d                     (down's input gradient: input_grad)
     h     = act(e) g                                       recomputed
     dg    = dh act(e)                                      dL/dg
     de    = dh g act'(e)                                   dL/de
@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from nanolora.kernels.fp8_matmul import fits, quantize_rows
-from nanolora.kernels.lora_projections import (Projection, add_input_grad, gather_grads,
+from nanolora.kernels.lora_projections import (Projection, gather_grads, input_grad,
                                                lora_parameters, project_group, project_group_backward,
                                                project_with_input_lora)
 
@@ -137,12 +137,11 @@ class LoRAMLP(torch.autograd.Function):
         dy = dy.reshape(-1, dy.shape[-1])
         dy = dy if dy.dtype == x2d.dtype else dy.to(x2d.dtype)
         # down: dh = dxa_d A_d + dy W_d; its dA_d = dxa_d^T h waits for the kernel to remake h
-        grad_A_down = grad_B_down = dh = None
+        grad_A_down = grad_B_down = dxa_down = None
         if down.lora_A is not None:
             dxa_down = dy @ down.scaled_B_cast  # [T, r]
-            dh = dxa_down @ down.lora_A_cast
             grad_B_down = (dy.T @ xa_down).mul_(down.scale).to(down.lora_B.dtype)
-        dh = add_input_grad(dh, dy, down.weight, ctx.fp8)
+        dh = input_grad([dy], [down.weight], dxa_down, down.lora_A_cast, ctx.fp8)
         h, de, dg = gated_activation_backward_(dh, e, g, ctx.activation)
         if down.lora_A is not None:
             grad_A_down = (dxa_down.T @ h).to(down.lora_A.dtype)

@@ -23,7 +23,8 @@ Backward (dy_i = dL/dy_i [T, out]; W frozen, so no dW; b frozen, so no db):
     dx     = sum_i (dy_i W_i + dxa_i A_i) [T, in]
 
 and every term of dx is accumulated in place by addmm_ (beta = 1), so q, k and v's input
-gradients meet in one buffer without a separate sum. x itself is saved once for all the
+gradients meet in one buffer without a separate sum (under --fp8, _scaled_mm cannot add into
+its output: see input_grad). x itself is saved once for all the
 projections that read it.
 
 This file holds no Triton: cuBLAS does the GEMMs. The NF4 dequantization is
@@ -101,17 +102,29 @@ def project_with_input_lora(x, xa, p: Projection, dtype, x_fp8=None):
     return y.addmm_(x, w.T)
 
 
-def add_input_grad(dx, dy, weight, fp8=False):
-    """dx + dy W for a frozen base weight W, with dx None meaning zero (then it is allocated
-    here). fp8 and a W whose shape fits: dy W in FP8 (fp8_matmul.fp8_input_grad), added to
-    dx in a separate pass (_scaled_mm cannot add into its output); otherwise inside the GEMM
-    (beta = 1)."""
-    if fp8 and fits(weight):
-        base = fp8_input_grad(dy, *fp8_weight(weight, dy.dtype, transposed=True))
-        base = base if base.dtype == dy.dtype else base.to(dy.dtype)
-        return base if dx is None else dx.add_(base)
-    w = dense_weight(weight, dy.dtype)
-    return dy @ w if dx is None else dx.addmm_(dy, w)
+def input_grad(dys, weights, dxa, lora_A, fp8=False):
+    """dL/dx = sum_i dy_i W_i + dxa A for frozen bases W_i [out_i, in], with the LoRA terms
+    stacked (dxa [T, sum r] the s_i dy_i B_i side by side, A [sum r, in]; dxa None without LoRA).
+
+    cuBLAS accumulates each term after the first into dx inside its GEMM (beta = 1), so the
+    thin LoRA GEMM goes first: the big GEMMs then read dx in their epilogues, where they have
+    bandwidth to spare, while a thin GEMM adding into dx would be a memory-bound pass. fp8: the
+    terms whose W fits go through fp8_matmul.fp8_input_grad, and _scaled_mm cannot add into its
+    output, so those come first: the first becomes dx itself, each later one a [T, in]
+    temporary added in a pass."""
+    in_fp8 = [fp8 and fits(w) for w in weights]
+    dx = None
+    for dy, w, fp8_term in zip(dys, weights, in_fp8):
+        if fp8_term:
+            base = fp8_input_grad(dy, *fp8_weight(w, dy.dtype, transposed=True))  # bf16
+            dx = base.to(dy.dtype) if dx is None else dx.add_(base)
+    if dxa is not None:
+        dx = dxa @ lora_A if dx is None else dx.addmm_(dxa, lora_A)
+    for dy, w, fp8_term in zip(dys, weights, in_fp8):
+        if not fp8_term:
+            w16 = dense_weight(w, dy.dtype)
+            dx = dy @ w16 if dx is None else dx.addmm_(dy, w16)
+    return dx
 
 
 def project_group(x, projections, dtype, lora_A_cat, fp8=False):
@@ -127,8 +140,7 @@ def project_group(x, projections, dtype, lora_A_cat, fp8=False):
 
 def project_group_backward(dys, x, xa_cat, projections, lora_A_cat, need_dx, fp8=False):
     """project_group's backward: (dL/dx or None, [(dA_i, dB_i)]). The LoRA terms of dx and of the
-    A gradients are one GEMM each over the stacked [T, sum r] dxa_cat; dx then accumulates every
-    projection's dy_i W_i inside the base GEMMs (beta = 1). fp8: those in FP8 (add_input_grad)."""
+    A gradients are one GEMM each over the stacked [T, sum r] dxa_cat; dx is input_grad's."""
     xas = _column_blocks(xa_cat, projections)
     grads, dxas = [], []
     for p, dy, xa in zip(projections, dys, xas):
@@ -137,11 +149,9 @@ def project_group_backward(dys, x, xa_cat, projections, lora_A_cat, need_dx, fp8
             continue
         dxas.append(dy @ p.scaled_B_cast)  # [T, r_i] = s_i dy_i B_i
         grads.append([None, (dy.T @ xa).mul_(p.scale).to(p.lora_B.dtype)])
-    dx = None
+    dxa_cat = None
     if dxas:
         dxa_cat = dxas[0] if len(dxas) == 1 else torch.cat(dxas, dim=1)
-        if need_dx:
-            dx = dxa_cat @ lora_A_cat
         grad_A_cat = dxa_cat.T @ x  # [sum r, in]
         rows = 0
         for pair, p in zip(grads, projections):
@@ -149,9 +159,7 @@ def project_group_backward(dys, x, xa_cat, projections, lora_A_cat, need_dx, fp8
                 r = p.lora_A.shape[0]
                 pair[0] = grad_A_cat[rows:rows + r].to(p.lora_A.dtype)
                 rows += r
-    if need_dx:
-        for p, dy in zip(projections, dys):
-            dx = add_input_grad(dx, dy, p.weight, fp8)
+    dx = input_grad(dys, [p.weight for p in projections], dxa_cat, lora_A_cat, fp8) if need_dx else None
     return dx, [tuple(pair) for pair in grads]
 
 

@@ -1,4 +1,4 @@
-"""NF4 -> fp16 / bf16 / fp32 dequantization in one Triton launch per weight.
+"""NF4 -> fp16 / bf16 / fp32 (or e4m3, by row, for --fp8) dequantization in one Triton launch per weight.
 
 The torch reference is ``nanolora.nf4.dequantize_nf4``; this kernel equals it bit for bit
 (tests/test_nf4_kernel.py), because both do the same float32 operations in the same order
@@ -112,8 +112,8 @@ def _nf4_dequant_transposed_kernel(
     BLOCKS_PER_ROW: tl.constexpr,
 ):
     """The ROW_SCALED values of _nf4_dequant_kernel, written transposed: program (i, j) takes
-    block column j of ROWS_PER_PROGRAM rows, a [rows, BLOCKSIZE] tile, and stores it as
-    [BLOCKSIZE, rows] runs of consecutive output (the compiler turns the tile around in
+    block column j of ROWS_PER_PROGRAM rows, a [ROWS_PER_PROGRAM, BLOCKSIZE] tile, and stores it
+    as [BLOCKSIZE, ROWS_PER_PROGRAM] runs of consecutive output (the compiler turns the tile around in
     shared memory so that the stores are coalesced)."""
     row = tl.program_id(0).to(tl.int64) * ROWS_PER_PROGRAM + tl.arange(0, ROWS_PER_PROGRAM)
     in_range = row < rows

@@ -119,11 +119,12 @@ def test_graphed_steps_train_as_eager_ones(tmp_path, monkeypatch, family, nf4, c
     if kept is True:
         monkeypatch.setattr(kept_attention, "MIN_LENGTH", 0)
     monkeypatch.setattr(ops, "_fp8", kept == "fp8")
-    fp8_calls = []
-    if kept == "fp8":  # counted, so that the case cannot pass with FP8 silently off
+    fp8_calls = {"fp8_matmul": [], "fp8_input_grad": []}
+    if kept == "fp8":  # counted, forward and backward, so that the case cannot pass with FP8 silently off
         from nanolora.kernels import lora_projections
-        real = lora_projections.fp8_matmul
-        monkeypatch.setattr(lora_projections, "fp8_matmul", lambda *args: fp8_calls.append(1) or real(*args))
+        for name, calls in fp8_calls.items():
+            real = getattr(lora_projections, name)
+            monkeypatch.setattr(lora_projections, name, lambda *args, real=real, calls=calls: calls.append(1) or real(*args))
     shape = dict(num_hidden_layers=4, hidden_size=256, intermediate_size=512) if family == "llama" else {}
     save_checkpoint(tmp_path, family, **shape)
     g = torch.Generator().manual_seed(0)
@@ -172,7 +173,7 @@ def test_graphed_steps_train_as_eager_ones(tmp_path, monkeypatch, family, nf4, c
         if graphed:
             assert len(graphed.graphs) == 2 and graphed.eager_shapes == 0  # lengths 300 and 200: 320 and 256
         runs.setdefault(graphs, []).append((losses, [p.detach().float().clone() for p in params]))
-    assert bool(fp8_calls) == (kept == "fp8")
+    assert all(bool(calls) == (kept == "fp8") for calls in fp8_calls.values())
     (eager, eager_params), (eager2, eager2_params) = runs[False]
     (graph, graph_params), = runs[True]
 

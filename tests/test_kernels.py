@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from nanolora import ops
+from nanolora.kernels.fp8_matmul import transposed_e4m3
 from nanolora.lora import LoRALinear
 from nanolora.model import Linear
 from nanolora.nf4 import dequantize_nf4, quantize_nf4
@@ -449,11 +450,6 @@ def fp8_input_grad_reference(dy, layer):
     if ops.has_lora(layer):
         dx = dx + (dy @ layer.lora_B.to(dy.dtype) * layer.scale) @ layer.lora_A.to(dy.dtype)
     return dx
-
-
-def transposed_e4m3(w8):
-    """w8^T, contiguous (through its bytes: not every torch build copies float8 on the CPU)."""
-    return w8.view(torch.uint8).T.contiguous().view(w8.dtype)
 
 
 @pytest.mark.parametrize("shape", [(24, 64, 48), (7, 96, 32), (5, 128, 16)], ids=str)
