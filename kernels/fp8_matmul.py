@@ -15,13 +15,13 @@ The base's three GEMMs of a step use it: the forward, the checkpoint recompute, 
 input gradient dL/dx = dL/dy W (fp8_input_grad, below: W's row scales are folded into dy's
 columns, so W is rounded as in the forward, its e4m3 rows made again for the backward and
 written transposed: an NF4 weight's straight from its 4-bit codes by kernels/nf4_dequant.py,
-a 16-bit one's by quantize_rows_transposed). A frozen weight has no weight gradient to compute. LoRA stays
-in the compute dtype. W is quantized where it is used, as NF4 is dequantized (into 1 byte a
-value where the bf16 dequant takes 2), x once per group of projections that read it: nothing
-is kept between steps. The transients are the e4m3 copies (x or dy: 1 byte a value; W), and
-_scaled_mm's bf16 output where it cannot be written into an existing buffer: in the backward,
-each input-gradient term after a group's first (lora_projections.input_grad). The torch path
-adds a chunk's fp32 quotient (CHUNK_VALUES).
+a 16-bit one's by quantize_rows_transposed). A frozen weight has no weight gradient to
+compute. LoRA stays in the compute dtype. W is quantized where it is used, as NF4 is
+dequantized (into 1 byte a value where the bf16 dequant takes 2), x once per group of
+projections that read it: nothing is kept between steps. The transients are the e4m3 copies
+(x or dy: 1 byte a value; W), and _scaled_mm's bf16 output where it cannot be written into
+an existing buffer: in the backward, each input-gradient term after a group's first
+(lora_projections.input_grad). The torch path adds a chunk's fp32 quotient (CHUNK_VALUES).
 
 fp8_matmul's output is bf16 whatever the compute dtype: under fp16 compute (reachable from
 Python only; train.py computes in bf16 on every GPU with FP8) the base product is rounded to

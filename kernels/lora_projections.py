@@ -24,8 +24,7 @@ Backward (dy_i = dL/dy_i [T, out]; W frozen, so no dW; b frozen, so no db):
 
 and every term of dx is accumulated in place by addmm_ (beta = 1), so q, k and v's input
 gradients meet in one buffer without a separate sum (under --fp8, _scaled_mm cannot add into
-its output: see input_grad). x itself is saved once for all the
-projections that read it.
+its output: see input_grad). x itself is saved once for all the projections that read it.
 
 This file holds no Triton: cuBLAS does the GEMMs. The NF4 dequantization is
 kernels/nf4_dequant.py's. The reference is nanolora.ops.projection_reference.
@@ -215,7 +214,7 @@ class LoRAProjections(torch.autograd.Function):
 def lora_projections(x, projections, dtype, lora_A_cat, fp8=False):
     """Each projection applied to x [..., in], in the compute dtype; differentiable in x and in
     every LoRA A/B. lora_A_cat: the LoRA projections' A casts stacked (ops.lora_A_stacked).
-    fp8: the base GEMMs in FP8, forward and input gradient (kernels/fp8_matmul.py). Runs with autocast off:
-    the dtypes are decided here."""
+    fp8: the base GEMMs in FP8, forward and input gradient (kernels/fp8_matmul.py). Runs with
+    autocast off: the dtypes are decided here."""
     with torch.autocast(x.device.type, enabled=False):
         return LoRAProjections.apply(x, projections, dtype, lora_A_cat, fp8, *lora_parameters(projections))

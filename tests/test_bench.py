@@ -301,7 +301,7 @@ def test_offload_curve_on_cpu(checkpoints, tmp_path):
 
 def test_fp8_gemm_runs_on_the_cpu(capsys, monkeypatch):
     """The script's CPU run prints a row per 8B projection (its FP8 arithmetic is
-    kernels/fp8_matmul.py's, tested in tests/test_kernels.py)."""
+    kernels/fp8_matmul.py's, tested in tests/test_fp8.py)."""
     monkeypatch.setattr(sys, "argv", ["fp8_gemm.py"])
     fp8_gemm.main()
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
